@@ -1,0 +1,43 @@
+"""subspace-jax: train JAX/Flax networks in random parameter subspaces.
+
+``theta = theta0 + P w``: the network's D parameters are driven by d << D numbers ``w``
+through a fixed random projection P; optax updates only ``w``.
+"""
+
+from subspace_jax import projections
+from subspace_jax._subspace import (
+    Group,
+    Layout,
+    Subspace,
+    allocate_dims,
+    init_from_layout,
+    init_subspace,
+    init_trainable,
+    make_layout,
+    to_params,
+)
+from subspace_jax._tree import FlatSpec, LeafSpec, flatten, leaf_specs, unflatten
+from subspace_jax.projections import Projection, get_projection, projection_names
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FlatSpec",
+    "Group",
+    "Layout",
+    "LeafSpec",
+    "Projection",
+    "Subspace",
+    "allocate_dims",
+    "flatten",
+    "get_projection",
+    "init_from_layout",
+    "init_subspace",
+    "init_trainable",
+    "leaf_specs",
+    "make_layout",
+    "projection_names",
+    "projections",
+    "to_params",
+    "unflatten",
+]

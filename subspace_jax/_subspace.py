@@ -1,0 +1,275 @@
+"""``theta = theta0 + P w`` over any parameter pytree: global or per-leaf subspaces.
+
+The subspace is a pytree (:class:`Subspace`) holding the frozen initialisation ``theta0`` and
+the projection states; its static layout (which leaves are projected, frozen or trained
+directly, and each group's sizes) sits in pytree auxiliary data, so it never enters a trace and
+``jax.vmap`` over keys gives N independent subspaces in one batched pytree.
+
+The trainable variables are a small dict ``{"w": (d,), "direct": (leaf, ...)}``: ``w`` is the
+concatenation of every group's coordinates, ``direct`` the leaves trained directly (empty unless
+some leaves are labelled ``"direct"``). Only they are differentiated and updated by optax.
+
+Example:
+  >>> import flax.linen as nn, jax, jax.numpy as jnp
+  >>> model = nn.Dense(3)
+  >>> theta0 = model.init(jax.random.key(0), jnp.ones((1, 4)))
+  >>> sub = init_subspace(jax.random.key(1), theta0, 5, projection="dense")
+  >>> trainable = init_trainable(sub)
+  >>> params = to_params(sub, trainable)  # == theta0 while w == 0
+  >>> model.apply(params, jnp.ones((1, 4))).shape
+  (1, 3)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from subspace_jax._tree import FlatSpec, label_leaves, leaf_specs
+from subspace_jax.projections import get_projection
+
+PyTree = Any
+LABELS = ("project", "frozen", "direct")
+
+
+class Group(NamedTuple):
+    """One projection: the leaves it covers and its sizes.
+
+    Attributes:
+      leaves: indices (in flatten order) of the leaves this group covers.
+      size: D_g, their total number of elements.
+      dim: d_g, the group's subspace dimension.
+      offset: where the group's coordinates start in ``w``.
+      projection: registry name of its projection.
+    """
+
+    leaves: tuple[int, ...]
+    size: int
+    dim: int
+    offset: int
+    projection: str
+
+
+class Layout(NamedTuple):
+    """Static description of a subspace (hashable)."""
+
+    spec: FlatSpec
+    groups: tuple[Group, ...]
+    labels: tuple[str, ...]
+
+    @property
+    def dim(self) -> int:
+        """Total subspace dimension d (sum over groups)."""
+        return sum(g.dim for g in self.groups)
+
+    @property
+    def num_params(self) -> int:
+        """Total number of parameters D of the model."""
+        return self.spec.size
+
+    @property
+    def direct_leaves(self) -> tuple[int, ...]:
+        return tuple(i for i, lab in enumerate(self.labels) if lab == "direct")
+
+
+@struct.dataclass
+class Subspace:
+    """A random subspace of a parameter tree.
+
+    Attributes:
+      theta0: the frozen initial parameters (the model's own initialisation).
+      proj_states: one projection state per group.
+      layout: static :class:`Layout`.
+    """
+
+    theta0: PyTree
+    proj_states: tuple
+    layout: Layout = struct.field(pytree_node=False)
+
+    @property
+    def dim(self) -> int:
+        return self.layout.dim
+
+    @property
+    def num_params(self) -> int:
+        return self.layout.num_params
+
+
+def allocate_dims(sizes: list[int], dim: int) -> list[int]:
+    """Split ``dim`` over groups in proportion to their sizes, each at least 1 (largest remainder).
+
+    Raises:
+      ValueError: if ``dim`` is smaller than the number of groups.
+    """
+    n = len(sizes)
+    if dim < n:
+        raise ValueError(f"per-leaf subspace needs d >= number of projected leaves ({n}), got {dim}")
+    total = sum(sizes)
+    spare = dim - n
+    raw = [spare * s / total for s in sizes]
+    alloc = [int(r) for r in raw]
+    order = sorted(range(n), key=lambda i: raw[i] - alloc[i], reverse=True)
+    for i in order[: spare - sum(alloc)]:
+        alloc[i] += 1
+    return [1 + a for a in alloc]
+
+
+def make_layout(
+    theta0: PyTree,
+    dim: int,
+    *,
+    projection: str = "dense",
+    per_leaf: bool = False,
+    dims: Mapping[str, int] | None = None,
+    labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
+) -> Layout:
+    """Compute the static layout of a subspace, validating every input (see :func:`init_subspace`)."""
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise ValueError(f"dim must be an integer >= 0, got {dim!r}")
+    if dim < 0:
+        raise ValueError(f"dim must be >= 0 (0 = direct training), got {dim}")
+    spec = leaf_specs(theta0)
+    if not spec.leaves:
+        raise ValueError("the parameter tree has no leaves")
+    proj = get_projection(projection)
+    if dim == 0 and dims is None:
+        leaf_labels = ["direct"] * len(spec.leaves)
+    elif labels is None:
+        leaf_labels = ["project"] * len(spec.leaves)
+    else:
+        leaf_labels = label_leaves(theta0, labels)
+    for leaf, lab in zip(spec.leaves, leaf_labels, strict=True):
+        if lab not in LABELS:
+            raise ValueError(f"leaf {leaf.path!r} has label {lab!r}; allowed: {', '.join(LABELS)}")
+    projected = [i for i, lab in enumerate(leaf_labels) if lab == "project"]
+
+    if dims is not None:
+        per_leaf = True
+        known = {spec.leaves[i].path for i in projected}
+        unknown = set(dims) - {leaf.path for leaf in spec.leaves}
+        if unknown:
+            raise ValueError(
+                f"dims names unknown leaves {sorted(unknown)}; leaves are {list(spec.paths)}"
+            )
+        missing = known - set(dims)
+        if missing:
+            raise ValueError(f"dims gives no dimension for projected leaves {sorted(missing)}")
+        leaf_dims = [int(dims[spec.leaves[i].path]) for i in projected]
+    elif per_leaf:
+        leaf_dims = allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
+    if projected and not per_leaf and dim == 0:
+        raise ValueError("dim must be >= 1 when some leaves are projected")
+
+    groups = []
+    offset = 0
+    if per_leaf:
+        for i, d_i in zip(projected, leaf_dims, strict=True):
+            leaf = spec.leaves[i]
+            _check_group_dim(proj, leaf.path, leaf.size, d_i)
+            groups.append(Group((i,), leaf.size, d_i, offset, projection))
+            offset += d_i
+    elif projected:
+        size = sum(spec.leaves[i].size for i in projected)
+        _check_group_dim(proj, "all projected leaves", size, dim)
+        groups.append(Group(tuple(projected), size, dim, 0, projection))
+    return Layout(spec, tuple(groups), tuple(leaf_labels))
+
+
+def _check_group_dim(proj, what: str, size: int, d: int) -> None:
+    hi = proj.max_dim(size)
+    if not 1 <= d <= hi:
+        raise ValueError(
+            f"d = {d} is out of range for {what} (D = {size}) with projection "
+            f"{proj.name!r}: allowed 1..{hi}"
+        )
+
+
+def init_subspace(
+    key: jax.Array,
+    theta0: PyTree,
+    dim: int,
+    *,
+    projection: str = "dense",
+    per_leaf: bool = False,
+    dims: Mapping[str, int] | None = None,
+    labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
+) -> Subspace:
+    """Draw a random subspace through ``theta0``.
+
+    Args:
+      key: PRNG key for the projections (group g uses ``fold_in(key, g)``).
+      theta0: the initial parameter pytree (floating-point leaves), e.g. ``model.init(...)``.
+      dim: total subspace dimension d; ``0`` means direct training of every leaf.
+      projection: registry name (see :func:`subspace_jax.projections.projection_names`).
+      per_leaf: one projection per leaf, d split in proportion to leaf size (each >= 1).
+      dims: explicit per-leaf dimensions ``{leaf_path: d_i}`` (implies ``per_leaf``).
+      labels: ``fn(path, leaf) -> label`` or ``{path: label}`` with labels ``"project"``
+        (default), ``"frozen"`` (kept at theta0) or ``"direct"`` (trained directly).
+
+    Returns:
+      A :class:`Subspace`. Works under ``jax.vmap`` over ``key`` (and ``theta0``).
+
+    Raises:
+      ValueError: bad dimensions, unknown projection or leaf names, non-float leaves.
+    """
+    layout = make_layout(
+        theta0, dim, projection=projection, per_leaf=per_leaf, dims=dims, labels=labels
+    )
+    return init_from_layout(key, theta0, layout)
+
+
+def init_from_layout(key: jax.Array, theta0: PyTree, layout: Layout) -> Subspace:
+    """Draw the projections of an already validated :class:`Layout`."""
+    states = tuple(
+        get_projection(g.projection).init(jax.random.fold_in(key, gi), g.size, g.dim)
+        for gi, g in enumerate(layout.groups)
+    )
+    return Subspace(theta0=theta0, proj_states=states, layout=layout)
+
+
+def init_trainable(sub: Subspace) -> dict:
+    """The trainable variables at the start: ``{"w": zeros(d), "direct": (theta0 leaves...)}``.
+
+    For a batch of subspaces (vmapped over keys) use ``jax.vmap(init_trainable)(subs)``.
+    """
+    leaves = jax.tree_util.tree_leaves(sub.theta0)
+    return {
+        "w": jnp.zeros((sub.layout.dim,), jnp.float32),
+        "direct": tuple(leaves[i] for i in sub.layout.direct_leaves),
+    }
+
+
+def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
+    """The full parameter tree ``theta0 + P w`` (pure, jittable, differentiable in ``trainable``).
+
+    Args:
+      sub: the :class:`Subspace`.
+      trainable: ``{"w": (d,), "direct": (...)}`` from :func:`init_trainable`, or just ``w``.
+
+    Returns:
+      A pytree with the structure of ``theta0``.
+    """
+    layout = sub.layout
+    if not isinstance(trainable, dict):
+        trainable = {"w": trainable, "direct": ()}
+    w = trainable["w"]
+    if w.shape != (layout.dim,):
+        raise ValueError(f"w must have shape ({layout.dim},), got {w.shape}")
+    leaves = list(jax.tree_util.tree_leaves(sub.theta0))
+    for g, state in zip(layout.groups, sub.proj_states, strict=True):
+        proj = get_projection(g.projection)
+        delta = proj.apply(state, w[g.offset : g.offset + g.dim])
+        start = 0
+        for i in g.leaves:
+            spec = layout.spec.leaves[i]
+            piece = delta[start : start + spec.size].reshape(spec.shape)
+            leaves[i] = leaves[i] + piece.astype(leaves[i].dtype)
+            start += spec.size
+    direct = trainable.get("direct", ())
+    for j, i in enumerate(layout.direct_leaves):
+        leaves[i] = direct[j]
+    return jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)

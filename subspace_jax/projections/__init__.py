@@ -1,0 +1,31 @@
+"""Random projections R^d -> R^D as pure ``init / apply / transpose`` triples, by name."""
+
+from subspace_jax.projections import _dense, _sparse  # noqa: F401  (registers the projections)
+from subspace_jax.projections._base import (
+    Projection,
+    as_matrix,
+    check_sizes,
+    default_learning_rate,
+    get_projection,
+    linear_map,
+    make_projection,
+    projection_names,
+    register,
+)
+from subspace_jax.projections._dense import DenseState, gaussian_matrix
+from subspace_jax.projections._sparse import SPARSE_VARIANTS
+
+__all__ = [
+    "DenseState",
+    "Projection",
+    "SPARSE_VARIANTS",
+    "as_matrix",
+    "check_sizes",
+    "default_learning_rate",
+    "gaussian_matrix",
+    "get_projection",
+    "linear_map",
+    "make_projection",
+    "projection_names",
+    "register",
+]
