@@ -107,7 +107,9 @@ def allocate_dims(sizes: list[int], dim: int) -> list[int]:
     """
     n = len(sizes)
     if dim < n:
-        raise ValueError(f"per-leaf subspace needs d >= number of projected leaves ({n}), got {dim}")
+        raise ValueError(
+            f"per-leaf subspace needs d >= number of projected leaves ({n}), got {dim}"
+        )
     total = sum(sizes)
     spare = dim - n
     raw = [spare * s / total for s in sizes]
@@ -127,7 +129,10 @@ def make_layout(
     dims: Mapping[str, int] | None = None,
     labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
 ) -> Layout:
-    """Compute the static layout of a subspace, validating every input (see :func:`init_subspace`)."""
+    """Compute the static layout of a subspace, validating every input.
+
+    Arguments as for :func:`init_subspace`.
+    """
     if isinstance(dim, bool) or not isinstance(dim, int):
         raise ValueError(f"dim must be an integer >= 0, got {dim!r}")
     if dim < 0:
@@ -160,7 +165,9 @@ def make_layout(
             raise ValueError(f"dims gives no dimension for projected leaves {sorted(missing)}")
         leaf_dims = [int(dims[spec.leaves[i].path]) for i in projected]
     elif per_leaf:
-        leaf_dims = allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
+        leaf_dims = (
+            allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
+        )
     if projected and not per_leaf and dim == 0:
         raise ValueError("dim must be >= 1 when some leaves are projected")
 

@@ -25,8 +25,17 @@ def _rng_vec(seed, n):
 
 
 def test_registry_lists_core_projections():
-    for name in ["dense", "dense_unnormalized", "orthogonal", "sparse_achlioptas", "sparse_very",
-                 "sparse_original", "sparse_corrected", "sparse2full", "sparse2"]:
+    for name in [
+        "dense",
+        "dense_unnormalized",
+        "orthogonal",
+        "sparse_achlioptas",
+        "sparse_very",
+        "sparse_original",
+        "sparse_corrected",
+        "sparse2full",
+        "sparse2",
+    ]:
         assert name in NAMES
     with pytest.raises(ValueError, match="unknown projection 'nope'"):
         pj.get_projection("nope")
@@ -84,8 +93,9 @@ def test_jit_and_eager_agree(built):
     eager = proj.apply(state, w), proj.transpose(state, g)
     jitted = jax.jit(proj.apply)(state, w), jax.jit(proj.transpose)(state, g)
     for a, b in zip(eager, jitted, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(
-            jnp.abs(a).max()))
+        np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5 * float(jnp.abs(a).max())
+        )
 
 
 def test_vmap_over_keys_equals_loop(built):
@@ -96,15 +106,20 @@ def test_vmap_over_keys_equals_loop(built):
     batched = jax.vmap(proj.apply, in_axes=(0, None))(states, w)
     for i in range(3):
         one = proj.apply(proj.init(keys[i], D, d), w)
-        np.testing.assert_allclose(np.asarray(batched[i]), np.asarray(one), rtol=1e-5,
-                                   atol=1e-5 * float(jnp.abs(one).max()))
+        np.testing.assert_allclose(
+            np.asarray(batched[i]),
+            np.asarray(one),
+            rtol=1e-5,
+            atol=1e-5 * float(jnp.abs(one).max()),
+        )
 
 
 def test_same_key_identical_different_key_differs(built):
     proj, state, M = built
     again = proj.init(jax.random.key(0), D, d)
-    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(again),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(again), strict=True
+    ):
         assert np.array_equal(np.asarray(a), np.asarray(b))
     other = np.asarray(pj.as_matrix(proj, proj.init(jax.random.key(1), D, d), d))
     assert not np.allclose(other, M)
@@ -138,8 +153,13 @@ def test_orthogonal_has_orthonormal_columns():
 
 
 def test_dense_columns_exactly_unit_and_unnormalised_entries_have_variance_1_over_d():
-    P = np.asarray(pj.as_matrix(pj.get_projection("dense"),
-                                pj.get_projection("dense").init(jax.random.key(0), 3000, 50), 50))
+    P = np.asarray(
+        pj.as_matrix(
+            pj.get_projection("dense"),
+            pj.get_projection("dense").init(jax.random.key(0), 3000, 50),
+            50,
+        )
+    )
     np.testing.assert_allclose(np.linalg.norm(P, axis=0), 1.0, rtol=1e-5)
     proj = pj.get_projection("dense_unnormalized")
     U = np.asarray(pj.as_matrix(proj, proj.init(jax.random.key(0), 3000, 50), 50))
@@ -153,8 +173,7 @@ def test_dense_block_generation_is_independent_of_how_it_is_called():
     a, sa = pj.gaussian_matrix(key, 1234, 7000)  # several blocks plus a tail
     b, sb = jax.vmap(pj.gaussian_matrix, in_axes=(0, None, None))(key[None], 1234, 7000)
     assert np.array_equal(np.asarray(a), np.asarray(b[0]))
-    np.testing.assert_allclose(np.asarray(sa), np.sum(np.asarray(a, np.float64) ** 2, 0),
-                               rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(sa), np.sum(np.asarray(a, np.float64) ** 2, 0), rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(pj.SPARSE_VARIANTS))

@@ -33,7 +33,9 @@ def test_flatten_roundtrip_and_specs():
     flat, spec = sj.flatten(tree)
     assert flat.shape == (10,) and spec.size == 10
     assert [(leaf.path, leaf.shape, leaf.offset) for leaf in spec.leaves] == [
-        ("a", (2, 3), 0), ("b/c", (4,), 6)]
+        ("a", (2, 3), 0),
+        ("b/c", (4,), 6),
+    ]
     back = sj.unflatten(flat, spec)
     assert back["b"]["c"].dtype == jnp.bfloat16
     np.testing.assert_array_equal(np.asarray(back["a"]), np.asarray(tree["a"]))
@@ -47,8 +49,9 @@ def test_flatten_roundtrip_and_specs():
 def test_zero_w_gives_theta0_exactly(name):
     sub = sj.init_subspace(jax.random.key(1), THETA0, 7, projection=name)
     params = jax.jit(sj.to_params)(sub, sj.init_trainable(sub))
-    for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(THETA0),
-                    strict=True):
+    for a, b in zip(
+        jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(THETA0), strict=True
+    ):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -90,7 +93,7 @@ def test_per_leaf_to_params_is_blockwise():
     for g, state in zip(sub.layout.groups, sub.proj_states, strict=True):
         (i,) = g.leaves
         P = np.asarray(pj.as_matrix(proj, state, g.dim))
-        want = np.asarray(leaves0[i]).ravel() + P @ np.asarray(w[g.offset:g.offset + g.dim])
+        want = np.asarray(leaves0[i]).ravel() + P @ np.asarray(w[g.offset : g.offset + g.dim])
         np.testing.assert_allclose(np.asarray(leaves[i]).ravel(), want, atol=1e-5)
 
 
@@ -103,14 +106,19 @@ def test_labels_frozen_and_direct():
     assert len(t["direct"]) == 2 and t["w"].shape == (5,)
     t2 = {"w": t["w"], "direct": tuple(x + 1.0 for x in t["direct"])}
     params = sj.to_params(sub, t2)
-    np.testing.assert_allclose(np.asarray(params["params"]["Dense_0"]["bias"]),
-                               np.asarray(THETA0["params"]["Dense_0"]["bias"]) + 1.0)
-    frozen = sj.init_subspace(jax.random.key(0), THETA0, 5,
-                              labels={"params/Dense_1/kernel": "frozen"})  # 16 x 3
+    np.testing.assert_allclose(
+        np.asarray(params["params"]["Dense_0"]["bias"]),
+        np.asarray(THETA0["params"]["Dense_0"]["bias"]) + 1.0,
+    )
+    frozen = sj.init_subspace(
+        jax.random.key(0), THETA0, 5, labels={"params/Dense_1/kernel": "frozen"}
+    )  # 16 x 3
     assert frozen.layout.groups[0].size == D_TINY - 16 * 3
     w = jnp.ones(5)
-    np.testing.assert_array_equal(np.asarray(sj.to_params(frozen, w)["params"]["Dense_1"]["kernel"]),
-                                  np.asarray(THETA0["params"]["Dense_1"]["kernel"]))
+    np.testing.assert_array_equal(
+        np.asarray(sj.to_params(frozen, w)["params"]["Dense_1"]["kernel"]),
+        np.asarray(THETA0["params"]["Dense_1"]["kernel"]),
+    )
     with pytest.raises(ValueError, match="label 'bogus'"):
         sj.init_subspace(jax.random.key(0), THETA0, 5, labels=lambda p, x: "bogus")
 
@@ -126,7 +134,10 @@ def test_direct_training_when_dim_is_zero():
     [
         (dict(dim=-1), "dim must be >= 0"),
         (dict(dim=1.5), "dim must be an integer"),
-        (dict(dim=D_TINY + 1, projection="orthogonal"), rf"d = {D_TINY + 1} is out of range .* 1..{D_TINY}"),
+        (
+            dict(dim=D_TINY + 1, projection="orthogonal"),
+            rf"d = {D_TINY + 1} is out of range .* 1..{D_TINY}",
+        ),
         (dict(dim=5, projection="gaussian_typo"), "unknown projection"),
     ],
 )
@@ -179,7 +190,7 @@ def test_train_step_does_not_recompile_and_matches_eager():
     opt = optax.adam(0.05).init(t)
     x, y = _data(64)
     t_e, o_e = t, opt
-    for i in range(3):
+    for _i in range(3):
         t, opt, loss, _ = jstep(sub, t, opt, x, y)
         t_e, o_e, loss_e, _ = step(sub, t_e, o_e, x, y)
         np.testing.assert_allclose(float(loss), float(loss_e), rtol=1e-5)
@@ -210,13 +221,13 @@ def test_vmap_over_seeds_equals_python_loop():
         o = opt.init(t)
         for _ in range(5):
             t, o, loss, _ = one_step(sub, t, o, x, y)
-        np.testing.assert_allclose(np.asarray(ts["w"][i]), np.asarray(t["w"]), rtol=1e-4,
-                                   atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ts["w"][i]), np.asarray(t["w"]), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(float(losses[i]), float(loss), rtol=1e-5)
 
 
-@pytest.mark.parametrize("name,per_leaf", [("dense", False), ("sparse_very", False),
-                                           ("orthogonal", True)])
+@pytest.mark.parametrize(
+    "name,per_leaf", [("dense", False), ("sparse_very", False), ("orthogonal", True)]
+)
 def test_end_to_end_subspace_training_reduces_loss(name, per_leaf):
     x, y = _data(512)
     model = TinyMLP(hidden=32)
