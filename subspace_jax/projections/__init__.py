@@ -1,6 +1,13 @@
 """Random projections R^d -> R^D as pure ``init / apply / transpose`` triples, by name."""
 
-from subspace_jax.projections import _dense, _sparse  # noqa: F401  (registers the projections)
+from subspace_jax.projections import (  # noqa: F401  (importing registers the projections)
+    _dense,
+    _fastfood,
+    _regen,
+    _sparse,
+    _sparse_formats,
+)
+from subspace_jax.projections._auto import choose_projection
 from subspace_jax.projections._base import (
     Projection,
     as_matrix,
@@ -21,6 +28,7 @@ __all__ = [
     "SPARSE_VARIANTS",
     "as_matrix",
     "check_sizes",
+    "choose_projection",
     "default_learning_rate",
     "gaussian_matrix",
     "get_projection",
