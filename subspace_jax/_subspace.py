@@ -9,6 +9,15 @@ The trainable variables are a small dict ``{"w": (d,), "direct": (leaf, ...)}``:
 concatenation of every group's coordinates, ``direct`` the leaves trained directly (empty unless
 some leaves are labelled ``"direct"``). Only they are differentiated and updated by optax.
 
+SAID (structure-aware intrinsic dimension, Aghajanyan et al. 2021): with ``said=True`` each
+projected leaf i gets one learned scale, ``theta_i = theta0_i + lambda_i * (P w)_i``, and the
+trainable dict gains ``"said": (m,)`` (m = number of projected leaves, in flatten order),
+initialised to ones as in the authors' code (zeros would be a saddle: with ``w = 0`` and
+``lambda = 0`` both gradients vanish). The start point is ``theta0`` for any ``lambda`` since
+``w = 0``. Dimension bookkeeping follows the paper, ``theta^{d-m}``: the requested ``dim`` counts
+the m scales, so ``w`` has ``d - m`` entries; :attr:`Layout.dim` is the length of ``w`` and
+:attr:`Layout.total_dim` (``= dim + m``) the number of trained scalars.
+
 Example:
   >>> import flax.linen as nn, jax, jax.numpy as jnp
   >>> model = nn.Dense(3)
@@ -55,16 +64,41 @@ class Group(NamedTuple):
 
 
 class Layout(NamedTuple):
-    """Static description of a subspace (hashable)."""
+    """Static description of a subspace (hashable).
+
+    Attributes:
+      spec: the flattened parameter tree's :class:`FlatSpec`.
+      groups: one :class:`Group` per projection.
+      labels: one label a leaf (``LABELS``).
+      said: one learned scale per projected leaf (SAID); see the module docstring.
+    """
 
     spec: FlatSpec
     groups: tuple[Group, ...]
     labels: tuple[str, ...]
+    said: bool = False
 
     @property
     def dim(self) -> int:
-        """Total subspace dimension d (sum over groups)."""
+        """Length of ``w``: the sum of the groups' dimensions (SAID scales not included)."""
         return sum(g.dim for g in self.groups)
+
+    @property
+    def said_leaves(self) -> tuple[int, ...]:
+        """Leaves carrying a SAID scale, in flatten order (empty unless ``said``)."""
+        if not self.said:
+            return ()
+        return tuple(i for g in self.groups for i in g.leaves)
+
+    @property
+    def num_scales(self) -> int:
+        """Number m of SAID scales (0 unless ``said``)."""
+        return len(self.said_leaves)
+
+    @property
+    def total_dim(self) -> int:
+        """Number of trained subspace scalars: ``dim + num_scales`` (SAID's d)."""
+        return self.dim + self.num_scales
 
     @property
     def num_params(self) -> int:
@@ -128,6 +162,7 @@ def make_layout(
     per_leaf: bool = False,
     dims: Mapping[str, int] | None = None,
     labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
+    said: bool = False,
 ) -> Layout:
     """Compute the static layout of a subspace, validating every input.
 
@@ -151,6 +186,23 @@ def make_layout(
         if lab not in LABELS:
             raise ValueError(f"leaf {leaf.path!r} has label {lab!r}; allowed: {', '.join(LABELS)}")
     projected = [i for i, lab in enumerate(leaf_labels) if lab == "project"]
+    if said:
+        if not projected:
+            raise ValueError("said=True needs projected leaves (got dim = 0 or none labelled)")
+        if dims is None:
+            # The paper's convention: d counts the m scales, w gets the remaining d - m.
+            m = len(projected)
+            if dim <= m:
+                raise ValueError(
+                    f"SAID needs d > number of projected leaves (m = {m}): d counts the m "
+                    f"scales and w gets d - m coordinates; got d = {dim}"
+                )
+            if per_leaf and dim - m < m:
+                raise ValueError(
+                    f"per-leaf SAID needs d >= 2 m = {2 * m} (m scales plus one coordinate "
+                    f"of w per leaf), got d = {dim}"
+                )
+            dim = dim - m
 
     if dims is not None:
         per_leaf = True
@@ -183,7 +235,7 @@ def make_layout(
         size = sum(spec.leaves[i].size for i in projected)
         _check_group_dim(proj, "all projected leaves", size, dim)
         groups.append(Group(tuple(projected), size, dim, 0, projection))
-    return Layout(spec, tuple(groups), tuple(leaf_labels))
+    return Layout(spec, tuple(groups), tuple(leaf_labels), bool(said))
 
 
 def _check_group_dim(proj, what: str, size: int, d: int) -> None:
@@ -204,6 +256,7 @@ def init_subspace(
     per_leaf: bool = False,
     dims: Mapping[str, int] | None = None,
     labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
+    said: bool = False,
 ) -> Subspace:
     """Draw a random subspace through ``theta0``.
 
@@ -216,6 +269,8 @@ def init_subspace(
       dims: explicit per-leaf dimensions ``{leaf_path: d_i}`` (implies ``per_leaf``).
       labels: ``fn(path, leaf) -> label`` or ``{path: label}`` with labels ``"project"``
         (default), ``"frozen"`` (kept at theta0) or ``"direct"`` (trained directly).
+      said: SAID, one learned scale per projected leaf; ``dim`` then counts the scales
+        (``w`` has ``dim - m`` entries; with explicit ``dims`` the scales come on top).
 
     Returns:
       A :class:`Subspace`. Works under ``jax.vmap`` over ``key`` (and ``theta0``).
@@ -224,7 +279,13 @@ def init_subspace(
       ValueError: bad dimensions, unknown projection or leaf names, non-float leaves.
     """
     layout = make_layout(
-        theta0, dim, projection=projection, per_leaf=per_leaf, dims=dims, labels=labels
+        theta0,
+        dim,
+        projection=projection,
+        per_leaf=per_leaf,
+        dims=dims,
+        labels=labels,
+        said=said,
     )
     return init_from_layout(key, theta0, layout)
 
@@ -241,21 +302,29 @@ def init_from_layout(key: jax.Array, theta0: PyTree, layout: Layout) -> Subspace
 def init_trainable(sub: Subspace) -> dict:
     """The trainable variables at the start: ``{"w": zeros(d), "direct": (theta0 leaves...)}``.
 
+    A SAID subspace adds ``"said": ones(m)``, one scale per projected leaf.
     For a batch of subspaces (vmapped over keys) use ``jax.vmap(init_trainable)(subs)``.
     """
     leaves = jax.tree_util.tree_leaves(sub.theta0)
-    return {
+    trainable = {
         "w": jnp.zeros((sub.layout.dim,), jnp.float32),
         "direct": tuple(leaves[i] for i in sub.layout.direct_leaves),
     }
+    if sub.layout.said:
+        trainable["said"] = jnp.ones((sub.layout.num_scales,), jnp.float32)
+    return trainable
 
 
 def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
     """The full parameter tree ``theta0 + P w`` (pure, jittable, differentiable in ``trainable``).
 
+    With SAID, leaf i is ``theta0_i + said[k_i] * (P w)_i`` (scales of one when ``trainable``
+    is just ``w`` or lacks ``"said"``).
+
     Args:
       sub: the :class:`Subspace`.
-      trainable: ``{"w": (d,), "direct": (...)}`` from :func:`init_trainable`, or just ``w``.
+      trainable: ``{"w": (d,), "direct": (...)}`` (plus ``"said": (m,)`` for SAID) from
+        :func:`init_trainable`, or just ``w``.
 
     Returns:
       A pytree with the structure of ``theta0``.
@@ -266,6 +335,10 @@ def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
     w = trainable["w"]
     if w.shape != (layout.dim,):
         raise ValueError(f"w must have shape ({layout.dim},), got {w.shape}")
+    scales = trainable.get("said") if layout.said else None
+    if scales is not None and scales.shape != (layout.num_scales,):
+        raise ValueError(f"said must have shape ({layout.num_scales},), got {scales.shape}")
+    scale_of = {leaf: k for k, leaf in enumerate(layout.said_leaves)}
     leaves = list(jax.tree_util.tree_leaves(sub.theta0))
     for g, state in zip(layout.groups, sub.proj_states, strict=True):
         proj = get_projection(g.projection)
@@ -274,6 +347,8 @@ def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
         for i in g.leaves:
             spec = layout.spec.leaves[i]
             piece = delta[start : start + spec.size].reshape(spec.shape)
+            if scales is not None:
+                piece = scales[scale_of[i]] * piece
             leaves[i] = leaves[i] + piece.astype(leaves[i].dtype)
             start += spec.size
     direct = trainable.get("direct", ())

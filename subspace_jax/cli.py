@@ -295,14 +295,18 @@ def cmd_train(args) -> int:
     from subspace_jax import _results
     from subspace_jax.train import train_and_evaluate
 
-    config = config_from_args(args)
+    config = _subspace_kind_config(args, config_from_args(args))
     progress = ProgressPrinter(quiet=args.quiet)
     what = f"d = {config.dim} ({config.projection})" if config.dim else "direct"
     print(
         f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
         file=sys.stderr,
     )
-    result = train_and_evaluate(config, progress=progress)
+    if args.save_compressed:
+        result, trained = train_and_evaluate(config, progress=progress, return_state=True)
+        _save_compressed(args.save_compressed, result, trained)
+    else:
+        result = train_and_evaluate(config, progress=progress)
     out = Path(args.out) if args.out else None
     if out is not None:
         _results.write_json(out / "result.json", result)
@@ -342,6 +346,271 @@ def cmd_sweep(args) -> int:
     return 0
 
 
+def cmd_id(args) -> int:
+    from subspace_jax import _results
+    from subspace_jax.intrinsic_dim import search_intrinsic_dim
+
+    if args.projection == "auto":
+        raise CLIError("--projection auto is not supported by id: name one projection")
+    if args.baseline == "own":
+        baseline = "own"
+    else:
+        try:
+            baseline = float(args.baseline)
+        except ValueError:
+            raise CLIError(f"--baseline must be 'own' or a number, got {args.baseline!r}") from None
+    config = config_from_args(args, dim=0)
+    out = Path(args.out)
+    progress = ProgressPrinter(quiet=args.quiet)
+    print(
+        f"searching d_int{round(args.fraction * 100)} of {config.model} on {config.dataset} "
+        f"({config.projection} projection, seeds {list(config.seeds)})",
+        file=sys.stderr,
+    )
+    result = search_intrinsic_dim(
+        config,
+        out,
+        fraction=args.fraction,
+        baseline=baseline,
+        metric=args.metric,
+        which=args.which,
+        precision=args.precision,
+        d_start=args.d_start,
+        d_max=args.d_max,
+        n_bootstrap=args.bootstrap,
+        progress=progress,
+    )
+    if args.json:
+        _results.write_json(args.json, result)
+    base = result["baseline"]
+    metric = f"{args.metric.replace('_', ' ')} ({args.which})"
+    print(
+        f"baseline {metric} {base['value']:.4f} ({base['kind']}); "
+        f"target {'<=' if args.metric.endswith('loss') else '>='} {result['target']:.4f}"
+    )
+    runs = result["num_training_runs"]
+    label = result["label"]
+    if result["d_int"] is None:
+        print(f"{label}: the target is not reached up to d = {result['d_max']}")
+    else:
+        lo, hi = result["ci_low"], result["ci_high"]
+        ci = (
+            f"95% CI [{'?' if lo is None else f'{lo:.0f}'}, "
+            f"{'unbounded' if hi is None else f'{hi:.0f}'}]"
+        )
+        print(f"{label} = {result['d_int']:.0f}  {ci}")
+    print(
+        f"{runs['total']} trainings ({runs['this_invocation']} new, {runs['reused']} reused); "
+        f"a {runs['grid_equivalent']['grid_points']}-point grid with these seeds needs "
+        f"{runs['grid_equivalent']['runs']}"
+    )
+    for note in result["notes"]:
+        print(f"note: {note}")
+    print(f"results: {out / 'id.json'}  plot: {result['plot']}")
+    return 0
+
+
+def _add_kind_args(p: argparse.ArgumentParser) -> None:
+    """Flags of the subspaces beyond the random one, and of compressed saving (train only)."""
+    p.add_argument(
+        "--burn-in-steps",
+        type=_nonneg_int,
+        default=0,
+        help="train directly for K steps, then start the random subspace there",
+    )
+    p.add_argument(
+        "--lottery",
+        action="store_true",
+        help="lottery subspace (= --projection lottery): P from the top-d singular directions "
+        "of a direct-training trajectory",
+    )
+    p.add_argument(
+        "--lottery-every",
+        type=_positive_int,
+        default=None,
+        help="record the lottery trajectory every K steps (default: about 2d+1 points)",
+    )
+    p.add_argument(
+        "--said",
+        action="store_true",
+        help="SAID: one learned scale per parameter leaf; d counts the scales",
+    )
+    p.add_argument(
+        "--theta0",
+        default=None,
+        metavar="FILE",
+        help="start the subspace at this parameter checkpoint (.msgpack or .npz)",
+    )
+    p.add_argument(
+        "--save-compressed",
+        default=None,
+        metavar="FILE",
+        help="save seed 0 as a compressed model (.npz: seed, configs and w)",
+    )
+
+
+def _subspace_kind_config(args, config):
+    """Apply the subspace-kind flags of ``train`` to a validated config."""
+    import dataclasses
+
+    from subspace_jax.train import LOTTERY, validate_config
+
+    changes = {
+        "burn_in_steps": args.burn_in_steps,
+        "said": bool(args.said),
+        "lottery_every": args.lottery_every,
+    }
+    if args.lottery:
+        if args.projection not in ("dense", LOTTERY):
+            raise CLIError(f"--lottery replaces the projection; got --projection {args.projection}")
+        changes["projection"] = LOTTERY
+    if args.theta0 is not None:
+        if not Path(args.theta0).is_file():
+            raise CLIError(f"--theta0 {args.theta0!r} is not a file")
+        changes["theta0_path"] = args.theta0
+    config = dataclasses.replace(config, **changes)
+    validate_config(config)
+    if args.save_compressed and not config.dim:
+        raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
+    return config
+
+
+def _save_compressed(path, result, trained) -> None:
+    from subspace_jax.compress import compressed_size_report, save_compressed
+
+    header = save_compressed(path, result, trained, 0, allow_stored=True)
+    for note in header["notes"]:
+        print(f"note: {note}", file=sys.stderr)
+    rep = compressed_size_report(path, header["num_params"])
+    ratio = rep["ratio"]
+    how = f"{ratio:.1f}x smaller" if ratio >= 1 else f"{1 / ratio:.1f}x larger"
+    print(
+        f"compressed model: {path} ({rep['file_bytes']} bytes, full float32 params "
+        f"{rep['full_bytes']} bytes, {how})",
+        file=sys.stderr,
+    )
+
+
+def cmd_evaluate(args) -> int:
+    from subspace_jax import _results
+    from subspace_jax.compress import evaluate_compressed
+
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        raise CLIError(f"--data-dir {args.data_dir!r} is not a directory")
+    result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    if args.json:
+        _results.write_json(args.json, result)
+    if not result["params_match"]:
+        print(
+            "warning: the rebuilt parameters differ from the saved ones (another platform or "
+            "JAX version)",
+            file=sys.stderr,
+        )
+    print(
+        f"D = {result['num_params']}  d = {result['dim']}  file {result['file_bytes']} bytes  "
+        f"test acc {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
+        f"({result['dataset']}, {result['num_test']} examples)"
+    )
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from subspace_jax import _results
+    from subspace_jax.bench import plot_benchmark, run_benchmark
+    from subspace_jax.data import DATASETS
+    from subspace_jax.models import model_names
+    from subspace_jax.projections import get_projection
+
+    if args.model not in model_names():
+        raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
+    if args.dataset not in DATASETS:
+        raise CLIError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    dims: list[int | str] = []
+    for part in args.dims.split(","):
+        part = part.strip().lower()
+        if part in ("full", "d"):
+            dims.append("full")
+        elif part:
+            dims.extend(parse_dims(part))
+    if not dims:
+        raise CLIError(f"no dims given in {args.dims!r}")
+    projections = [p.strip() for p in args.projections.split(",") if p.strip()]
+    if not projections:
+        raise CLIError(f"no projections given in {args.projections!r}")
+    for name in projections:
+        get_projection(name)
+    caps = {}
+    for part in (args.dim_caps or "").split(","):
+        if part.strip():
+            name, _, cap = part.partition("=")
+            try:
+                caps[get_projection(name.strip()).name] = int(cap)
+            except ValueError:
+                raise CLIError(
+                    f"cannot parse --dim-caps {args.dim_caps!r}: expected 'name=d,name=d'"
+                ) from None
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    overrides = {"width": args.width} if args.width is not None else {}
+    done: list[dict] = []
+
+    def progress(rec: dict) -> None:
+        done.append(rec)
+        if args.json:
+            _results.write_json(args.json, done)  # partial results survive an interruption
+        if args.quiet:
+            return
+        head = f"{rec['projection']:>20s} d = {rec['dim']:>7d}: "
+        if rec.get("skipped"):
+            line = f"skipped ({rec['skipped']})"
+        else:
+            line = (
+                f"step {rec['step_time_ms']:.2f} ms = {rec['ratio']:.2f}x direct "
+                f"({rec['direct_step_time_ms']:.2f} ms), "
+                f"peak {rec['peak_memory_bytes'] / 2**20:.0f} MiB "
+                f"(direct {rec['direct_peak_memory_bytes'] / 2**20:.0f} MiB), "
+                f"setup {rec['setup_time_s']:.2f} s"
+            )
+            if rec.get("floor_ms") is not None:
+                line += f", floor {rec['floor_ms']:.2f} ms"
+        print(head + line, file=sys.stderr, flush=True)
+
+    if not args.quiet:
+        print(
+            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
+            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
+            file=sys.stderr,
+        )
+    records = run_benchmark(
+        args.model,
+        args.dataset,
+        dims,
+        projections,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        memory_budget_bytes=budget,
+        progress=progress,
+        warmup=args.warmup,
+        isolate=args.isolate,
+        max_cell_seconds=args.max_cell_seconds or None,
+        dim_caps=caps,
+        accuracy_steps=args.accuracy_steps,
+        model_overrides=overrides,
+    )
+    if args.json:
+        _results.write_json(args.json, records)
+    if args.png:
+        for path in plot_benchmark(records, args.png):
+            print(f"plot: {path}", file=sys.stderr)
+    ran = [r for r in records if not r.get("skipped")]
+    print(
+        f"{len(ran)} of {len(records)} cells measured"
+        + (f"; results: {args.json}" if args.json else "")
+    )
+    return 0
+
+
 def cmd_projections(args) -> int:
     from subspace_jax.projections import get_projection, projection_names
 
@@ -361,9 +630,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="train one model (direct or in a subspace)")
     _add_run_args(p)
+    _add_kind_args(p)
     p.add_argument("--out", default=None, help="folder for result.json")
     p.add_argument("--json", default=None, help="write the result JSON to this file")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="load a compressed model and report test accuracy"
+    )
+    p.add_argument(
+        "--compressed", required=True, metavar="FILE", help="file from --save-compressed"
+    )
+    p.add_argument("--dataset", default=None, help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir", default=None, help="folder with the dataset's standard files")
+    p.add_argument("--json", default=None, help="write the evaluation JSON to this file")
+    p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
@@ -379,6 +660,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results/sweep", help="folder for runs.jsonl, sweep.json, PNG")
     p.add_argument("--json", default=None, help="also write the sweep JSON to this file")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser(
+        "id",
+        parents=[common],
+        help="search d_int90 automatically (doubling + bisection, bootstrap interval)",
+        description=(
+            "Find d_int (default d_int90) by training the direct baseline, doubling d from "
+            "--d-start until the mean over seeds reaches the target, then bisecting in log d "
+            "to --precision; reports a bootstrap 95% interval over seeds and the success "
+            "probability of each d. Defaults for id: seeds 0,1,2 and the fastfood projection. "
+            "Finished runs are kept in OUT/runs.jsonl and reused on a rerun."
+        ),
+    )
+    _add_run_args(p, dim=False)
+    # Three seeds for the interval; Fastfood: O(D log d) per step where dense costs O(D d).
+    p.set_defaults(seeds="0,1,2", projection="fastfood")
+    p.add_argument(
+        "--fraction",
+        type=_positive_float,
+        default=0.9,
+        help="threshold as a fraction of the baseline (default 0.9: d_int90)",
+    )
+    p.add_argument(
+        "--baseline",
+        default="own",
+        help="'own' (direct training of the same seeds) or a fixed value, e.g. 1.0",
+    )
+    p.add_argument("--metric", default="val_accuracy", choices=("val_accuracy", "val_loss"))
+    p.add_argument(
+        "--which", default="final", choices=("final", "best"), help="final or best epoch"
+    )
+    p.add_argument(
+        "--precision",
+        type=_positive_float,
+        default=0.1,
+        help="stop bisecting when hi/lo - 1 <= this (default 0.1)",
+    )
+    p.add_argument("--d-start", type=_positive_int, default=64, help="first d tried (default 64)")
+    p.add_argument("--d-max", type=_positive_int, default=None, help="largest d tried (default: D)")
+    p.add_argument(
+        "--bootstrap",
+        type=_nonneg_int,
+        default=1000,
+        help="bootstrap resamples of the seeds for the 95%% interval (0: none)",
+    )
+    p.add_argument("--out", default="results/id", help="folder for runs.jsonl, id.json, id.png")
+    p.add_argument("--json", default=None, help="also write the id JSON to this file")
+    p.set_defaults(func=cmd_id)
+
+    p = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="time the training step and peak memory of projections against direct training",
+        description=(
+            "For each projection and d, time the jitted training step (median of --steps after "
+            "--warmup) beside the direct step in the same process, the setup time and the peak "
+            "memory (a fresh process per cell by default). Cells that cannot fit the memory "
+            "budget, whose d is out of range or that are estimated too slow are reported as "
+            "skipped."
+        ),
+    )
+    p.add_argument("--model", default="mlp", help="model name (default mlp)")
+    p.add_argument("--dataset", default="mnist", help="sets the input shape (default mnist)")
+    p.add_argument("--data-dir", default=None, help="dataset folder (only for --accuracy-steps)")
+    p.add_argument("--dims", required=True, help="e.g. '500,4500,50000,full' (full: d = D)")
+    p.add_argument(
+        "--projections", default="fastfood,dense", help="comma-separated projection names"
+    )
+    p.add_argument("--steps", type=_positive_int, default=10, help="timed steps per measurement")
+    p.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first")
+    p.add_argument("--batch-size", type=_positive_int, default=128)
+    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
+    p.add_argument(
+        "--memory-budget-gb",
+        type=_positive_float,
+        default=None,
+        help="memory a cell may use (default 70%% of the available memory)",
+    )
+    p.add_argument(
+        "--max-cell-seconds",
+        type=_nonneg_int,
+        default=60,
+        help="skip cells estimated to take longer (0: no limit; default 60)",
+    )
+    p.add_argument(
+        "--dim-caps",
+        default=None,
+        help="largest d per projection, e.g. 'orthogonal=1000,dense_regen=1000'",
+    )
+    p.add_argument(
+        "--isolate",
+        default="cell",
+        choices=("cell", "projection", "none"),
+        help="a fresh process per cell (default), per projection, or none",
+    )
+    p.add_argument(
+        "--accuracy-steps",
+        type=_nonneg_int,
+        default=0,
+        help="also train this many steps on real data and report val accuracy",
+    )
+    p.add_argument("--json", default=None, help="write the JSON list of records here")
+    p.add_argument("--png", default=None, help="plot step-time and memory ratios vs d here")
+    p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("projections", help="list the projections")
     p.set_defaults(func=cmd_projections, quiet=True)

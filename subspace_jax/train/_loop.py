@@ -19,10 +19,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_jax._checkpoint import load_params
 from subspace_jax._subspace import Layout, Subspace, init_from_layout, init_trainable, make_layout
 from subspace_jax.data import Dataset, iterate_batches, load_dataset, num_batches
 from subspace_jax.models import build_model
 from subspace_jax.projections import get_projection
+from subspace_jax.train._kinds import (
+    default_lottery_every,
+    direct_phase,
+    lottery_snapshots,
+    lottery_states,
+)
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes
 from subspace_jax.train._step import compile_steps
 
@@ -31,6 +38,12 @@ OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 DIRECT_LR = 1e-3
 #: Default Adam learning rate of w for a projection with unit expected column norm.
 SUBSPACE_BASE_LR = 0.03
+#: ``TrainConfig.projection`` value of the lottery subspace (Larsen et al. 2022): P from the
+#: top singular directions of a direct-training trajectory. Not a registered projection: it is
+#: applied as a stored ``orthogonal`` (``DenseState``) projection.
+LOTTERY = "lottery"
+#: The registered projection a lottery subspace is applied with (orthonormal, stored).
+LOTTERY_APPLY = "orthogonal"
 
 Progress = Callable[[dict], None]
 
@@ -58,6 +71,15 @@ class TrainConfig:
       max_steps: stop after this many steps in total (None: run all epochs).
       data_seed: seed of the batch order and of the validation split.
       model_overrides: keyword overrides for ``build_model``.
+      burn_in_steps: train directly for this many steps (optimizer ``optimizer`` at the direct
+        learning rate ``DIRECT_LR``, the main loop's batches), then draw the random subspace
+        through the burned-in point. 0: no burn-in.
+      said: SAID (Aghajanyan et al. 2021): one learned scale per projected leaf; ``dim`` counts
+        the scales (``w`` has ``dim - m`` entries; the result reports ``said_scales = m``).
+      lottery_every: with ``projection="lottery"``, record the parameters every this many
+        steps (None: about ``2 dim + 1`` points over the run).
+      theta0_path: a parameter checkpoint (``.msgpack`` or ``.npz``) used as theta0 for every
+        seed (subspace fine-tuning); None: the model's own initialisation.
     """
 
     model: str = "mlp"
@@ -77,12 +99,29 @@ class TrainConfig:
     max_steps: int | None = None
     data_seed: int = 0
     model_overrides: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    burn_in_steps: int = 0
+    said: bool = False
+    lottery_every: int | None = None
+    theta0_path: str | None = None
 
     def to_dict(self) -> dict:
+        """JSON-serialisable fields; the later subspace-kind fields only when not default.
+
+        Leaving ``burn_in_steps``, ``said``, ``lottery_every`` and ``theta0_path`` out at their
+        defaults keeps the dict of a plain run (and every hash of it, e.g. the sweep's
+        ``config_key`` in existing ``runs.jsonl`` files) what it was before they existed.
+        """
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
         d["model_overrides"] = dict(self.model_overrides)
+        for name, default in _LATER_FIELDS.items():
+            if d[name] == default:
+                del d[name]
         return d
+
+
+#: Fields added after the first release, with their defaults (see ``TrainConfig.to_dict``).
+_LATER_FIELDS = {"burn_in_steps": 0, "said": False, "lottery_every": None, "theta0_path": None}
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -106,7 +145,27 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError("at least one seed is needed")
     if len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct, got {list(config.seeds)}")
-    get_projection(config.projection)
+    if config.projection != LOTTERY:
+        get_projection(config.projection)
+    b = config.burn_in_steps
+    if isinstance(b, bool) or not isinstance(b, int) or b < 0:
+        raise ValueError(f"burn_in_steps must be an integer >= 0, got {b!r}")
+    k = config.lottery_every
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
+        raise ValueError(f"lottery_every must be an integer >= 1 (or None), got {k!r}")
+    if config.dim == 0:
+        for name, on in (
+            ("burn_in_steps", b > 0),
+            ("said", config.said),
+            ("projection='lottery'", config.projection == LOTTERY),
+        ):
+            if on:
+                raise ValueError(f"{name} needs a subspace: dim must be >= 1, got dim = 0")
+    if b > 0 and config.projection == LOTTERY:
+        raise ValueError(
+            "burn_in_steps and projection='lottery' cannot be combined: the lottery subspace "
+            "starts at the initialisation its trajectory started from"
+        )
 
 
 def default_image_size(model: str, dataset: str) -> int | None:
@@ -132,7 +191,7 @@ def resolve_lr(config: TrainConfig, layout: Layout) -> float:
         return float(config.lr)
     if config.dim == 0:
         return DIRECT_LR
-    proj = get_projection(config.projection)
+    proj = get_projection(config.projection if config.projection != LOTTERY else LOTTERY_APPLY)
     # Groups of one subspace share a projection; weight the column norm by group dimension.
     norms = [proj.column_norm(g.size, g.dim) for g in layout.groups]
     dims = [g.dim for g in layout.groups]
@@ -151,14 +210,51 @@ def load_data(config: TrainConfig) -> Dataset:
     )
 
 
-def init_runs(config: TrainConfig, model, layout: Layout, keys: jax.Array) -> Subspace:
-    """Initialise N subspaces (one per key) in one vmapped call: theta0 from the model's init."""
+def config_layout(config: TrainConfig, params: Any) -> Layout:
+    """The subspace layout of ``config`` over a parameter tree (or its shapes).
+
+    A lottery subspace is laid out as a stored ``orthogonal`` projection (``LOTTERY_APPLY``).
+    """
+    projection = LOTTERY_APPLY if config.projection == LOTTERY else config.projection
+    return make_layout(
+        params, config.dim, projection=projection, per_leaf=config.per_layer, said=config.said
+    )
+
+
+def checkpoint_init(path: str, model) -> Callable[[jax.Array], Any]:
+    """``key -> params`` returning the checkpoint at ``path`` (checked against ``model``)."""
+    params = load_params(path, jax.eval_shape(model.init, jax.random.key(0)))
+
+    def init(key: jax.Array) -> Any:
+        del key
+        return params
+
+    return init
+
+
+def run_keys(seeds) -> jax.Array:
+    """Typed PRNG keys ``jax.random.key(s)`` stacked over seeds, shape ``(N,)``."""
+    keys = jnp.stack([jax.random.key_data(jax.random.key(int(s))) for s in seeds])
+    return jax.random.wrap_key_data(keys)
+
+
+def make_init_fn(model, layout: Layout) -> Callable[[jax.Array], Subspace]:
+    """The jitted ``keys (N,) -> N subspaces`` of :func:`init_runs` (reusable, compiled once).
+
+    The key rule: ``k_model, k_proj = jax.random.split(key)``; ``theta0 = model.init(k_model)``;
+    the projections are drawn from ``k_proj`` (:func:`~subspace_jax.init_from_layout`).
+    """
 
     def one(key):
         k_model, k_proj = jax.random.split(key)
         return init_from_layout(k_proj, model.init(k_model), layout)
 
-    return jax.jit(jax.vmap(one))(keys)
+    return jax.jit(jax.vmap(one))
+
+
+def init_runs(config: TrainConfig, model, layout: Layout, keys: jax.Array) -> Subspace:
+    """Initialise N subspaces (one per key) in one vmapped call: theta0 from the model's init."""
+    return make_init_fn(model, layout)(keys)
 
 
 def _evaluate(eval_step, subs, trainables, x, y, chunk=1000):
@@ -201,31 +297,48 @@ def train_and_evaluate(
         data = load_data(config)
     input_shape = tuple(int(s) for s in data.x_train.shape[1:])
     model = build_model(config.model, input_shape, data.num_classes, **dict(config.model_overrides))
+    if theta0_fn is None and config.theta0_path is not None:
+        theta0_fn = checkpoint_init(config.theta0_path, model)
     if theta0_fn is not None:
         model = model._replace(init=theta0_fn)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
-    layout = make_layout(
-        shapes, config.dim, projection=config.projection, per_leaf=config.per_layer
-    )
+    layout = config_layout(config, shapes)
     steps_per_epoch = num_batches(len(data.x_train), config.batch_size, True)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    lottery_every = None
+    if config.projection == LOTTERY:
+        lottery_every = config.lottery_every or default_lottery_every(total_steps, layout.dim)
+        points = lottery_snapshots(total_steps, lottery_every)
+        need = max(g.dim for g in layout.groups)
+        if points - 1 < need:
+            raise ValueError(
+                f"lottery subspace: {total_steps} steps recorded every {lottery_every} give "
+                f"T = {points} points, whose centred trajectory has rank <= {points - 1} < "
+                f"d = {need}; train for more steps, record more often or lower d"
+            )
     lr = resolve_lr(config, layout)
     optimizer = make_optimizer(config.optimizer, lr)
     train_step, eval_step = compile_steps(model.apply, optimizer, config.l2)
 
-    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in config.seeds])
-    keys = jax.random.wrap_key_data(keys)
+    keys = run_keys(config.seeds)
     t_init = time.perf_counter()
-    subs = init_runs(config, model, layout, keys)
+    if config.burn_in_steps > 0 or config.projection == LOTTERY:
+        subs = _init_with_direct_phase(
+            config, model, layout, keys, data, total_steps, lottery_every, progress
+        )
+    else:
+        subs = init_runs(config, model, layout, keys)
     trainables = jax.vmap(init_trainable)(subs)
+    # Copy: directly trained leaves are donated to the step and must not alias theta0.
+    trainables = jax.tree_util.tree_map(jnp.copy, trainables)
     opt_states = jax.vmap(optimizer.init)(trainables)
     jax.block_until_ready((subs, trainables, opt_states))
     setup_s = time.perf_counter() - t_init
 
     history = []
     step_times: list[float] = []
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
     best_val = np.full(len(config.seeds), -np.inf)
     step = 0
     for epoch in range(config.epochs):
@@ -262,6 +375,7 @@ def train_and_evaluate(
             "val_loss": float(np.mean(val_loss)),
             "val_accuracy": float(np.mean(val_acc)),
             "per_seed_val_accuracy": [float(a) for a in val_acc],
+            "per_seed_val_loss": [float(a) for a in val_loss],
             "per_seed_train_loss": [float(a) for a in train_loss],
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
@@ -286,8 +400,12 @@ def train_and_evaluate(
         "dataset": config.dataset,
         "projection": config.projection if config.dim else "none",
         "num_params": int(layout.num_params),
-        "dim": int(layout.dim),
+        "dim": int(layout.total_dim),
+        "w_dim": int(layout.dim),
+        "said_scales": int(layout.num_scales),
         "per_layer": bool(config.per_layer),
+        "theta0": _theta0_source(config, theta0_fn),
+        "burn_in_steps": int(config.burn_in_steps),
         "val_accuracy": float(np.mean(final_val)),
         "best_val_accuracy": float(np.mean(best_val)),
         "test_accuracy": float(np.mean(test_acc)),
@@ -308,6 +426,52 @@ def train_and_evaluate(
     if return_state:
         return result, Trained(model, subs, trainables)
     return result
+
+
+def _theta0_source(config: TrainConfig, theta0_fn) -> str:
+    if config.theta0_path is not None:
+        source = f"checkpoint:{config.theta0_path}"
+    elif theta0_fn is not None:
+        source = "theta0_fn"
+    else:
+        source = "init"
+    return source + (f"+burn_in:{config.burn_in_steps}" if config.burn_in_steps else "")
+
+
+def _init_with_direct_phase(
+    config: TrainConfig,
+    model,
+    layout: Layout,
+    keys: jax.Array,
+    data: Dataset,
+    total_steps: int,
+    lottery_every: int | None,
+    progress: Progress | None,
+) -> Subspace:
+    """Burn-in or lottery: direct training first, then the subspaces (batched over seeds)."""
+    k_model, k_proj = jax.vmap(jax.random.split, out_axes=1)(keys)
+    theta0 = jax.jit(jax.vmap(model.init))(k_model)
+    lottery = config.projection == LOTTERY
+    steps = total_steps if lottery else config.burn_in_steps
+    what = "lottery trajectory" if lottery else "burn-in"
+    if progress is not None:
+        progress({"event": "message", "text": f"{what}: {steps} direct steps"})
+    params, trajectory = direct_phase(
+        model.apply,
+        make_optimizer(config.optimizer, DIRECT_LR),
+        theta0,
+        data,
+        num_steps=steps,
+        batch_size=config.batch_size,
+        data_seed=config.data_seed,
+        l2=config.l2,
+        record_every=lottery_every,
+    )
+    if lottery:
+        return Subspace(
+            theta0=theta0, proj_states=lottery_states(trajectory, layout), layout=layout
+        )
+    return jax.jit(jax.vmap(lambda k, th: init_from_layout(k, th, layout)))(k_proj, params)
 
 
 class Trained(NamedTuple):
