@@ -137,7 +137,8 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
         "--lr",
         type=_positive_float,
         default=None,
-        help="learning rate (default: 1e-3 direct, 0.03 / column norm in a subspace)",
+        help="learning rate (default: 1e-3 direct; in a subspace 0.03 / column norm, "
+        "times sqrt(1000/d) above d = 1000)",
     )
     p.add_argument("--epochs", type=_positive_int, default=10)
     p.add_argument("--batch-size", type=_positive_int, default=128)

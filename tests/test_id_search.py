@@ -336,12 +336,15 @@ def test_cli_id_end_to_end_on_digits(tmp_path, capsys):
     assert fields <= set(res)
     assert res["fraction"] == 0.5 and res["baseline"]["value"] == 0.3
     assert res["config"]["projection"] == "fastfood" and res["seeds"] == [0, 1]
-    assert [p["dim"] for p in res["search_path"]] == [32, 64]
-    assert 32 <= res["d_int"] <= 64
-    assert {(r["dim"], r["seed"]) for r in res["runs"]} == {(32, 0), (32, 1), (64, 0), (64, 1)}
-    assert res["num_training_runs"]["this_invocation"] == 4
+    path_dims = [p["dim"] for p in res["search_path"]]
+    # The bracket [32, 64]; the search may extend once below or above for the interval.
+    assert path_dims[:2] == [32, 64] and len(path_dims) <= 4
+    assert 16 <= res["d_int"] <= 64
+    want = {(d, s) for d in path_dims for s in (0, 1)}
+    assert {(r["dim"], r["seed"]) for r in res["runs"] if r["dim"] > 0} == want
+    assert res["num_training_runs"]["this_invocation"] == len(want)
     assert (out / "id.png").stat().st_size > 1000
-    assert len((out / "runs.jsonl").read_text().splitlines()) == 4
+    assert len((out / "runs.jsonl").read_text().splitlines()) == len(want)
     assert json.loads((out / "id.json").read_text())["d_int"] == res["d_int"]
     printed = capsys.readouterr().out
     assert "d_int50 = " in printed and "95% CI [" in printed and "id.png" in printed

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from subspace_jax import _results
+from subspace_jax.projections import LR_RULE
 from subspace_jax.train import TrainConfig, load_data, train_and_evaluate
 
 RUNS_FILE = "runs.jsonl"
@@ -27,6 +28,8 @@ def config_key(config: TrainConfig) -> str:
     d = config.to_dict()
     for k in ("seeds", "dim", "data_dir"):
         d.pop(k, None)
+    if config.lr is None and config.dim:  # the default rule changed: a new rule retrains
+        d["lr_rule"] = LR_RULE
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -9,12 +9,15 @@ from subspace_jax.projections import (  # noqa: F401  (importing registers the p
 )
 from subspace_jax.projections._auto import choose_projection
 from subspace_jax.projections._base import (
+    LR_KNEE,
+    LR_RULE,
     Projection,
     as_matrix,
     check_sizes,
     default_learning_rate,
     get_projection,
     linear_map,
+    lr_dim_factor,
     make_projection,
     projection_names,
     register,
@@ -23,6 +26,8 @@ from subspace_jax.projections._dense import DenseState, gaussian_matrix
 from subspace_jax.projections._sparse import SPARSE_VARIANTS
 
 __all__ = [
+    "LR_KNEE",
+    "LR_RULE",
     "DenseState",
     "Projection",
     "SPARSE_VARIANTS",
@@ -33,6 +38,7 @@ __all__ = [
     "gaussian_matrix",
     "get_projection",
     "linear_map",
+    "lr_dim_factor",
     "make_projection",
     "projection_names",
     "register",

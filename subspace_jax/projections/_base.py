@@ -175,11 +175,29 @@ def as_matrix(projection: Projection, state: State, d: int) -> Array:
     return jax.vmap(lambda e: projection.apply(state, e), out_axes=1)(eye)
 
 
+#: Above this many subspace coordinates the default learning rate falls like ``1/sqrt(d)``.
+LR_KNEE = 1000
+#: Names the default learning-rate rule (part of the sweep's run key: a new rule retrains).
+LR_RULE = "0.03/E||column|| * min(1, sqrt(1000/d))"
+
+
+def lr_dim_factor(d: int) -> float:
+    """``min(1, sqrt(LR_KNEE / d))``: keeps Adam's parameter-space step bounded as d grows.
+
+    Adam moves every coordinate of ``w`` by about the learning rate, so with near-orthonormal
+    columns the step in parameter space has norm ``~ lr * sqrt(d)``. Up to ``LR_KNEE``
+    coordinates the default lets it grow; beyond, it holds it at ``0.03 * sqrt(1000) ~ 0.95``
+    (at d = D = 159,010 that is an lr of 0.0024, near direct Adam's 1e-3 per coordinate).
+    Without it, lr 0.03 at d ~ 30,000 made the training loss rise.
+    """
+    return min(1.0, (LR_KNEE / max(int(d), 1)) ** 0.5)
+
+
 def default_learning_rate(projection: Projection, D: int, d: int, base: float = 0.03) -> float:
-    """The default Adam learning rate for ``w``: ``base / E||column||``.
+    """The default Adam learning rate for ``w``: ``base / E||column|| * lr_dim_factor(d)``.
 
     Adam's step is invariant to the gradient's scale, so the step it takes in parameter space is
     proportional to the column norm of P; dividing by it makes one ``base`` serve every
     projection (all of ours but the unnormalised ones have unit expected column norm).
     """
-    return float(base / projection.column_norm(D, d))
+    return float(base / projection.column_norm(D, d) * lr_dim_factor(d))

@@ -23,7 +23,7 @@ from subspace_jax._checkpoint import load_params
 from subspace_jax._subspace import Layout, Subspace, init_from_layout, init_trainable, make_layout
 from subspace_jax.data import Dataset, iterate_batches, load_dataset, num_batches
 from subspace_jax.models import build_model
-from subspace_jax.projections import get_projection
+from subspace_jax.projections import get_projection, lr_dim_factor
 from subspace_jax.train._kinds import (
     default_lottery_every,
     direct_phase,
@@ -196,7 +196,7 @@ def resolve_lr(config: TrainConfig, layout: Layout) -> float:
     norms = [proj.column_norm(g.size, g.dim) for g in layout.groups]
     dims = [g.dim for g in layout.groups]
     norm = float(np.exp(np.average(np.log(norms), weights=dims)))
-    return SUBSPACE_BASE_LR / norm
+    return SUBSPACE_BASE_LR / norm * lr_dim_factor(layout.dim)
 
 
 def load_data(config: TrainConfig) -> Dataset:
