@@ -194,3 +194,13 @@ def test_sparse_density_and_values(name):
         assert abs(frac_pos - 0.5) < 5 * np.sqrt(0.25 / vals.size)
     else:
         assert np.all(vals > 0)
+
+
+def test_default_learning_rate_rule():
+    dense, unnorm = pj.get_projection("dense"), pj.get_projection("dense_unnormalized")
+    assert pj.default_learning_rate(dense, 10_000, 500) == pytest.approx(0.03)
+    assert pj.default_learning_rate(dense, 10_000, 1000) == pytest.approx(0.03)
+    # Above the knee the parameter-space step lr * sqrt(d) stays constant.
+    assert pj.default_learning_rate(dense, 10_000, 4000) == pytest.approx(0.015)
+    # Divided by the expected column norm sqrt(D / d).
+    assert pj.default_learning_rate(unnorm, 10_000, 100) == pytest.approx(0.03 / 10)
