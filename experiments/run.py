@@ -1,0 +1,173 @@
+"""Run one experiment: a JSON config of CLI invocations, passed to ``subspace_jax.cli.main``.
+
+An experiment is ``experiments/configs/<name>.json``::
+
+    {
+      "description": "what it measures",
+      "figure": "which figure of the seed report / Li et al. 2018 it reproduces",
+      "runs": [
+        {"name": "dense_d750", "description": "...", "args": ["train", "--model", "mlp", ...]},
+        {"name": "sweep_fastfood", "description": "...", "args": ["sweep", "--dims", ...]}
+      ]
+    }
+
+Each run's output path is added here, never written in the config: a ``train`` run gets
+``--json results/<name>/<run>.json`` and a ``sweep`` run ``--out results/<name>/<run>``. Runs
+are resumable: a ``train`` run whose JSON exists is skipped, and a ``sweep`` reuses every run
+already in its folder (the sweep command does that itself). ``--quick`` smoke-tests a config in
+seconds: one epoch of a few steps, the first two dims of each sweep, results under
+``results/quick/<name>/``.
+
+Usage (from the repository root)::
+
+    python experiments/run.py mnist_mlp_sweep            # the whole experiment
+    python experiments/run.py mnist_mlp_sweep --quick    # smoke test
+    python experiments/run.py mnist_mlp_sweep --only fastfood --dry-run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = ROOT / "experiments" / "configs"
+RESULTS_DIR = Path("results")
+
+#: What ``--quick`` sets on every training invocation.
+QUICK_SETTINGS = {"--epochs": "1", "--max-steps": "3"}
+#: How many dims of a sweep ``--quick`` keeps.
+QUICK_DIMS = 2
+
+
+def config_names() -> list[str]:
+    """Names of every experiment config, sorted."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def load_config(name: str) -> dict:
+    """Read and check ``experiments/configs/<name>.json``.
+
+    Raises:
+      ValueError: unknown name, or a config without ``description``, ``figure`` and a
+        non-empty ``runs`` list of ``{"name", "description", "args"}`` with unique names and a
+        ``train`` or ``sweep`` subcommand.
+    """
+    path = CONFIG_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown experiment {name!r}; choose one of: {', '.join(config_names())}")
+    with open(path) as f:
+        config = json.load(f)
+    for key in ("description", "figure", "runs"):
+        if key not in config:
+            raise ValueError(f"{path.name}: missing {key!r}")
+    runs = config["runs"]
+    if not isinstance(runs, list) or not runs:
+        raise ValueError(f"{path.name}: 'runs' must be a non-empty list")
+    seen = set()
+    for run in runs:
+        missing = {"name", "description", "args"} - set(run)
+        if missing:
+            raise ValueError(f"{path.name}: run {run.get('name')!r} lacks {sorted(missing)}")
+        if run["name"] in seen:
+            raise ValueError(f"{path.name}: duplicate run name {run['name']!r}")
+        seen.add(run["name"])
+        args = run["args"]
+        if not args or args[0] not in ("train", "sweep"):
+            raise ValueError(
+                f"{path.name}: run {run['name']!r} must start with 'train' or 'sweep', "
+                f"got {args[:1]}"
+            )
+        if any(a in ("--json", "--out") for a in args):
+            raise ValueError(
+                f"{path.name}: run {run['name']!r} sets --json/--out; run.py adds the paths"
+            )
+    return config
+
+
+def set_flag(args: Sequence[str], flag: str, value: str) -> list[str]:
+    """``args`` with ``flag``'s value replaced by ``value`` (appended if absent)."""
+    out = list(args)
+    if flag in out:
+        out[out.index(flag) + 1] = value
+    else:
+        out += [flag, value]
+    return out
+
+
+def get_flag(args: Sequence[str], flag: str) -> str | None:
+    args = list(args)
+    return args[args.index(flag) + 1] if flag in args else None
+
+
+def invocation(experiment: str, run: dict, *, quick: bool = False) -> tuple[list[str], Path]:
+    """The full argument list for ``cli.main`` and the output path of one run."""
+    args = list(run["args"])
+    base = RESULTS_DIR / "quick" / experiment if quick else RESULTS_DIR / experiment
+    if quick:
+        for flag, value in QUICK_SETTINGS.items():
+            args = set_flag(args, flag, value)
+        if args[0] == "sweep":
+            dims = get_flag(args, "--dims").split(",")
+            args = set_flag(args, "--dims", ",".join(dims[:QUICK_DIMS]))
+    if args[0] == "train":
+        out = base / f"{run['name']}.json"
+        args += ["--json", str(out)]
+    else:
+        out = base / run["name"]
+        args += ["--out", str(out)]
+    return args, out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("experiment", nargs="?", help=f"one of: {', '.join(config_names())}")
+    parser.add_argument("--quick", action="store_true", help="a few steps of each run")
+    parser.add_argument("--only", action="append", help="run only these run names")
+    parser.add_argument("--force", action="store_true", help="rerun train runs that exist")
+    parser.add_argument("--dry-run", action="store_true", help="print the invocations only")
+    parser.add_argument("--list", action="store_true", help="list the experiments")
+    opts = parser.parse_args(argv)
+    if opts.list or not opts.experiment:
+        for name in config_names():
+            print(f"{name:28s} {load_config(name)['description']}")
+        return 0
+
+    from subspace_jax import cli
+
+    os.chdir(ROOT)  # configs use paths relative to the repository root (../shared/data/...)
+    config = load_config(opts.experiment)
+    runs = config["runs"]
+    if opts.only:
+        unknown = sorted(set(opts.only) - {r["name"] for r in runs})
+        if unknown:
+            raise SystemExit(f"error: unknown run(s) {unknown} in {opts.experiment}")
+        runs = [r for r in runs if r["name"] in opts.only]
+    status = 0
+    for run in runs:
+        args, out = invocation(opts.experiment, run, quick=opts.quick)
+        line = "subspace-jax " + " ".join(args)
+        print(f"== {opts.experiment}/{run['name']}: {line}", file=sys.stderr, flush=True)
+        if opts.dry_run:
+            continue
+        if args[0] == "train" and out.exists() and not opts.force:
+            print(f"   exists, skipped: {out}", file=sys.stderr, flush=True)
+            continue
+        t0 = time.perf_counter()
+        rc = cli.main(args)
+        print(
+            f"   {run['name']}: exit {rc} in {time.perf_counter() - t0:.1f}s",
+            file=sys.stderr,
+            flush=True,
+        )
+        status = status or rc
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,642 @@
+"""Turn the measured results under ``results/`` into ``docs/results/*.png`` and RESULTS.md tables.
+
+Every number in the generated sections of RESULTS.md comes from the result JSON written by
+``experiments/run.py``; the reference numbers (seed report, Li et al. 2018) are the constants
+below. The tables replace the text between ``<!-- BEGIN generated:NAME -->`` and
+``<!-- END generated:NAME -->`` markers of RESULTS.md; the prose around them is kept. A result
+that is missing (an experiment not run, or not finished) is reported as such.
+
+Usage (from the repository root)::
+
+    python experiments/summarize.py            # write the PNGs and update RESULTS.md
+    python experiments/summarize.py --print    # print the generated sections only
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import re
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "experiments"))
+
+import run as runner  # noqa: E402  (experiments/run.py: config loading and invocations)
+
+from subspace_jax import _results  # noqa: E402
+from subspace_jax.intrinsic_dim import RUNS_FILE, summarize_sweep  # noqa: E402
+
+RESULTS = ROOT / "results"
+FIGURES = ROOT / "docs" / "results"
+RESULTS_MD = ROOT / "RESULTS.md"
+
+#: Reference numbers: the seed report and Li et al. 2018 (ICLR), "Measuring the Intrinsic
+#: Dimension of Objective Landscapes" (d_int90 of their Table 1). Li et al.'s baseline
+#: accuracies are not quoted here (None): only numbers given in the project brief are used.
+REFERENCE = {
+    "mnist_mlp": {
+        "seed_baseline": 0.9763,
+        "seed_dint90": "~750",
+        "li_baseline": None,
+        "li_dint90": "750",
+    },
+    "mnist_lenet": {
+        "seed_baseline": 0.9888,
+        "seed_dint90": "~200",
+        "li_baseline": None,
+        "li_dint90": "~290",
+    },
+    "cifar_mlp": {
+        "seed_baseline": None,
+        "seed_dint90": "~4,500",
+        "li_baseline": None,
+        "li_dint90": "9,000",
+    },
+    "cifar_lenet": {
+        "seed_baseline": 0.6141,
+        "seed_dint90": "0.5829 at d~6k",
+        "li_baseline": None,
+        "li_dint90": "~2,900",
+    },
+}
+
+SWEEPS = [
+    # (key, experiment, run, title)
+    ("mnist_mlp", "mnist_mlp_sweep", "sparse", "MNIST MLP 784-200-10"),
+    ("mnist_lenet", "mnist_lenet_sweep", "sparse", "MNIST LeNet (28x28)"),
+    ("cifar_mlp", "cifar_sweeps", "mlp_fastfood", "CIFAR-10 MLP (28x28x3)"),
+    ("cifar_lenet", "cifar_sweeps", "lenet_fastfood", "CIFAR-10 LeNet (32x32x3)"),
+]
+
+
+# ------------------------------------------------------------------------------ reading
+
+
+def read_train(experiment: str, run: str) -> dict | None:
+    path = RESULTS / experiment / f"{run}.json"
+    return _results.read_json(path) if path.exists() else None
+
+
+def read_sweep(experiment: str, run: str) -> tuple[list[dict], list[dict]] | None:
+    """(baseline records, subspace records) of the configuration run last in that folder."""
+    records = _results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
+    if not records:
+        return None
+    key = records[-1]["config_key"]
+    records = [r for r in records if r["config_key"] == key]
+    base = [r for r in records if int(r["dim"]) == 0]
+    sub = [r for r in records if int(r["dim"]) > 0]
+    return base, sub
+
+
+def fmt(x, digits: int = 4) -> str:
+    if x is None:
+        return "n/a"
+    if isinstance(x, str):
+        return x
+    return f"{x:.{digits}f}"
+
+
+def mib(n: int | None) -> str:
+    return "n/a" if n is None else f"{n / 2**20:,.0f}"
+
+
+def table(header: list[str], rows: list[list]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def commands(experiment: str, only: str | None = None) -> str:
+    """The exact commands of one experiment (as run.py runs them), or of its run ``only``."""
+    config = runner.load_config(experiment)
+    if only is None:
+        lines = [f"python experiments/run.py {experiment}   # runs:"]
+    else:
+        lines = [f"python experiments/run.py {experiment} --only {only}   # runs:"]
+    for entry in config["runs"]:
+        if only is not None and entry["name"] != only:
+            continue
+        args, _ = runner.invocation(experiment, entry)
+        lines.append("subspace-jax " + " ".join(args))
+    return "```\n" + "\n".join(lines) + "\n```"
+
+
+def hyper_line(cfg: dict, lr: float, extra: str = "") -> str:
+    return (
+        f"optimizer {cfg['optimizer']}, lr {lr:.4g} (resolved), batch {cfg['batch_size']}, "
+        f"epochs {cfg['epochs']}"
+        + (f", max steps {cfg['max_steps']}" if cfg.get("max_steps") else "")
+        + f", seeds {cfg['seeds']}, data seed {cfg['data_seed']}, l2 {cfg['l2']}"
+        + (f", {extra}" if extra else "")
+    )
+
+
+# ------------------------------------------------------------------------------ sections
+
+
+def section_hardware() -> str:
+    model = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    import jax
+
+    return table(
+        ["", ""],
+        [
+            ["CPU (`lscpu` model name)", model],
+            ["cores", os.cpu_count()],
+            ["backend", jax.default_backend()],
+            ["jax", jax.__version__],
+            ["python", platform.python_version()],
+        ],
+    )
+
+
+def section_done() -> str:
+    rows = []
+    for run, criterion in (("mlp_mnist_dense_d750", 0.85), ("mlp_mnist_direct", 0.97)):
+        r = read_train("done_criteria", run)
+        if r is None:
+            rows.append([run, "not run", "", "", f">= {criterion}", "", "", "", ""])
+            continue
+        rows.append(
+            [
+                f"d = {r['dim']} ({r['projection']})" if r["dim"] else "direct (d = 0)",
+                fmt(r["val_accuracy"]),
+                fmt(r["best_val_accuracy"]),
+                fmt(r["test_accuracy"]),
+                f">= {criterion}",
+                "**pass**" if r["val_accuracy"] >= criterion else "**FAIL**",
+                f"{r['learning_rate']:.4g}",
+                f"{r['step_time_ms']:.1f}",
+                f"{r['wall_time_s']:.0f}",
+            ]
+        )
+    out = table(
+        [
+            "run",
+            "val acc (final)",
+            "val acc (best epoch)",
+            "test acc",
+            "criterion",
+            "",
+            "lr",
+            "step ms",
+            "wall s",
+        ],
+        rows,
+    )
+    r = read_train("done_criteria", "mlp_mnist_dense_d750")
+    if r is not None:
+        out += "\n\nPer epoch (dense d = 750): " + ", ".join(
+            f"{h['epoch']}: {h['val_accuracy']:.4f}" for h in r["history"]
+        )
+        out += "\n\nHyperparameters: " + hyper_line(r["config"], r["learning_rate"])
+        direct = read_train("done_criteria", "mlp_mnist_direct")
+        if direct is not None:
+            ratio = r["val_accuracy"] / direct["val_accuracy"]
+            out += (
+                f"\n\nThe dense d = 750 run reaches {ratio:.3f}"
+                " of the direct run's val accuracy (0.9 is the d_int90 threshold)."
+            )
+    return out + "\n\n" + commands("done_criteria")
+
+
+def _sweep_figure(key: str, experiment: str, run: str, title: str, base, sub) -> str | None:
+    if not sub:
+        return None
+    summ = summarize_sweep(base, sub) if base else None
+    path = FIGURES / f"{experiment}_{run}.png"
+    cfg_proj = sub[0]["projection"]
+    _results.plot_accuracy_vs_dim(
+        path,
+        sub,
+        baseline=summ["baseline_accuracy"] if summ else None,
+        d_int=summ["d_int"] if summ else None,
+        title=f"{title}, {cfg_proj} P, {sub[0]['epochs']} epochs, "
+        f"{len({r['seed'] for r in sub})} seed(s)",
+    )
+    return path.relative_to(ROOT).as_posix()
+
+
+def section_sweep(key: str, experiment: str, run: str, title: str) -> str:
+    data = read_sweep(experiment, run)
+    ref = REFERENCE[key]
+    if data is None:
+        return f"Not run (no `results/{experiment}/{run}/{RUNS_FILE}`).\n\n" + commands(
+            experiment, run
+        )
+    base, sub = data
+    dims = sorted({int(r["dim"]) for r in sub})
+    seeds = sorted({int(r["seed"]) for r in sub + base})
+    summ = summarize_sweep(base, sub) if base and sub else None
+    rows = []
+    baseline = summ["baseline_accuracy"] if summ else None
+    for d in dims:
+        rs = sorted((r for r in sub if int(r["dim"]) == d), key=lambda r: r["seed"])
+        mean = float(np.mean([r["val_accuracy"] for r in rs]))
+        rows.append(
+            [
+                f"{d:,}",
+                fmt(mean),
+                " / ".join(fmt(r["val_accuracy"]) for r in rs),
+                fmt(mean / baseline, 3) if baseline else "n/a",
+                f"{rs[0]['step_time_ms']:.1f}",
+                f"{rs[0]['wall_time_s']:.0f}",
+            ]
+        )
+    out = table(
+        ["d", "val acc (mean)", "per seed", "/ baseline", "step ms", "wall s"],
+        rows,
+    )
+    d_int = summ["d_int"] if summ else None
+    base_acc = fmt(baseline) if base else "not run"
+    out += "\n\n" + table(
+        ["", "this run", "seed report", "Li et al. 2018"],
+        [
+            ["D", f"{(base or sub)[0]['num_params']:,}", "", ""],
+            [
+                "direct baseline (val acc)",
+                base_acc,
+                fmt(ref["seed_baseline"]),
+                fmt(ref["li_baseline"]) if ref["li_baseline"] else "not quoted",
+            ],
+            [
+                "d_int90",
+                "not reached on this grid"
+                if summ and d_int is None
+                else (f"{d_int:,.0f}" if d_int else "n/a"),
+                ref["seed_dint90"],
+                ref["li_dint90"],
+            ],
+        ],
+    )
+    figure = _sweep_figure(key, experiment, run, title, base, sub)
+    if figure:
+        out += f"\n\n![{title}]({figure})"
+    rec = (base or sub)[0]
+    lr_sub = sub[0]["learning_rate"] if sub else None
+    lr_base = base[0]["learning_rate"] if base else None
+    wall_per_dim = {int(r["dim"]): r["wall_time_s"] for r in base + sub}  # seeds share a run
+    out += (
+        f"\n\nHyperparameters: Adam, batch 128, {rec['epochs']} epoch(s), seeds {seeds} "
+        f"(vmapped), projection `{sub[0]['projection'] if sub else 'n/a'}`, "
+        f"lr {fmt(lr_sub, 4)} in the subspace and {fmt(lr_base, 4)} direct (resolved defaults); "
+        f"total wall time {sum(wall_per_dim.values()) / 60:.1f} min."
+    )
+    missing = []
+    config = runner.load_config(experiment)
+    for entry in config["runs"]:
+        if entry["name"] == run:
+            want = [int(x) for x in runner.get_flag(entry["args"], "--dims").split(",")]
+            missing = [d for d in want if d not in dims]
+    if missing:
+        out += f" Not finished: d = {', '.join(map(str, missing))}."
+    return out + "\n\n" + commands(experiment, run)
+
+
+def _plot_orth(path: Path, runs: dict) -> None:
+    """Train loss and val accuracy per epoch: colour per projection, line style per seed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=90)
+    colours = {"dense": "tab:blue", "orthogonal": "tab:red"}
+    labels = {"dense": "Gaussian (dense)", "orthogonal": "orthogonal (QR)"}
+    for ax, per, ylabel in (
+        (axes[0], "per_seed_train_loss", "train loss (epoch mean)"),
+        (axes[1], "per_seed_val_accuracy", "val accuracy"),
+    ):
+        for p, r in runs.items():
+            epochs = [h["epoch"] for h in r["history"]]
+            for i, seed in enumerate(r["seeds"]):
+                ax.plot(
+                    epochs,
+                    [h[per][i] for h in r["history"]],
+                    color=colours[p],
+                    ls=["-", "--", ":", "-."][i % 4],
+                    marker="o",
+                    ms=3,
+                    label=f"{labels[p]}, seed {seed}",
+                )
+        ax.set_xlabel("epoch")
+        ax.set_xticks(epochs)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("MNIST MLP, d = 200: orthogonal vs Gaussian projection", fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def section_orth() -> str:
+    runs = {p: read_train("orth_vs_gauss", f"{p}_d200") for p in ("dense", "orthogonal")}
+    if not all(runs.values()):
+        return "Not finished.\n\n" + commands("orth_vs_gauss")
+    rows = []
+    n_epochs = len(runs["dense"]["history"])
+    for e in range(n_epochs):
+        hd, ho = runs["dense"]["history"][e], runs["orthogonal"]["history"][e]
+        rows.append(
+            [
+                e + 1,
+                fmt(hd["train_loss"]),
+                fmt(ho["train_loss"]),
+                fmt(hd["val_accuracy"]),
+                fmt(ho["val_accuracy"]),
+                " / ".join(fmt(a) for a in hd["per_seed_val_accuracy"]),
+                " / ".join(fmt(a) for a in ho["per_seed_val_accuracy"]),
+            ]
+        )
+    out = table(
+        [
+            "epoch",
+            "train loss Gaussian",
+            "train loss orthogonal",
+            "val acc Gaussian",
+            "val acc orthogonal",
+            "per seed Gaussian",
+            "per seed orthogonal",
+        ],
+        rows,
+    )
+    out += "\n\n" + table(
+        ["projection", "test acc", "lr", "step ms", "setup s", "wall s"],
+        [
+            [
+                p,
+                fmt(r["test_accuracy"]),
+                f"{r['learning_rate']:.4g}",
+                f"{r['step_time_ms']:.1f}",
+                f"{r['setup_time_s']:.1f}",
+                f"{r['wall_time_s']:.0f}",
+            ]
+            for p, r in runs.items()
+        ],
+    )
+    path = FIGURES / "orth_vs_gauss.png"
+    _plot_orth(path, runs)
+    out += f"\n\n![orthogonal vs Gaussian]({path.relative_to(ROOT).as_posix()})"
+    r = runs["dense"]
+    out += "\n\nHyperparameters: " + hyper_line(r["config"], r["learning_rate"])
+    return out + "\n\n" + commands("orth_vs_gauss")
+
+
+def section_small() -> str:
+    config = runner.load_config("small_models")
+    direct = {}
+    for entry in config["runs"]:
+        if entry["args"][0] == "train":
+            r = read_train("small_models", entry["name"])
+            if r is not None:
+                direct[r["num_params"]] = r
+    data = read_sweep("small_models", "subspace_mlp_fastfood")
+    sub = {int(r["dim"]): r for r in data[1]} if data is not None else {}
+    # An earlier, interrupted run with the very sparse projection (its step grew too slow).
+    partial = read_sweep("small_models", "subspace_mlp")
+    sub_sparse = {int(r["dim"]): r for r in partial[1]} if partial is not None else {}
+    sizes = sorted(set(direct) | set(sub))
+    if not sizes:
+        return "Not run.\n\n" + commands("small_models")
+    rows = []
+    for n in sizes:
+        d, s = direct.get(n), sub.get(n)
+        rows.append(
+            [
+                f"{n:,}",
+                f"width {d['config']['model_overrides'].get('width')}" if d else "",
+                fmt(d["val_accuracy"]) if d else "not run",
+                fmt(s["val_accuracy"]) if s else "not run",
+                fmt(sub_sparse[n]["val_accuracy"]) if n in sub_sparse else "not run",
+            ]
+        )
+    out = table(
+        [
+            "parameters",
+            "small MLP",
+            "small MLP direct (val acc)",
+            "MLP in Fastfood subspace, d = params",
+            "MLP in very sparse subspace (interrupted run)",
+        ],
+        rows,
+    )
+    extra = [
+        ["CIFAR-10 mlp_small width 10 (2 epochs)", read_train("cifar_sweeps", "mlp_small_w10")]
+    ]
+    for label, r in extra:
+        if r is not None:
+            out += (
+                f"\n\n{label}: {r['num_params']:,} parameters, val acc "
+                f"{fmt(r['val_accuracy'])} (seed report: 23.5k parameters -> 0.395)."
+            )
+    if data is not None and data[0]:
+        acc = fmt(data[0][0]["val_accuracy"])
+        out += f"\n\nDirect MNIST MLP (D = 159,010) in the same run: {acc}."
+    series = {}
+    if direct:
+        ns = sorted(direct)
+        series["small MLP, trained directly"] = (ns, [direct[n]["val_accuracy"] for n in ns])
+    if sub:
+        ns = sorted(sub)
+        series["784-200-10 MLP in a Fastfood subspace of d = params"] = (
+            ns,
+            [sub[n]["val_accuracy"] for n in ns],
+        )
+    if sub_sparse:
+        ns = sorted(sub_sparse)
+        series["784-200-10 MLP in a very sparse subspace (interrupted)"] = (
+            ns,
+            [sub_sparse[n]["val_accuracy"] for n in ns],
+        )
+    path = FIGURES / "small_models.png"
+    _results.plot_lines(
+        path,
+        series,
+        xlabel="trainable parameters",
+        ylabel="val accuracy",
+        title="MNIST: small direct models vs subspace training (3 epochs, seed 0)",
+        logx=True,
+    )
+    out += f"\n\n![small models vs subspace]({path.relative_to(ROOT).as_posix()})"
+    any_r = next(iter(direct.values()), None)
+    if any_r is not None:
+        out += "\n\nHyperparameters (direct): " + hyper_line(
+            any_r["config"], any_r["learning_rate"]
+        )
+    if sub:
+        s = next(iter(sub.values()))
+        out += (
+            f"; subspace: projection `{s['projection']}`, lr {s['learning_rate']:.4g}, "
+            f"{s['epochs']} epochs, seed 0"
+        )
+    return out + "\n\n" + commands("small_models")
+
+
+def section_projections() -> str:
+    config = runner.load_config("cifar_projections")
+    rows = []
+    missing = []
+    first = None
+    for entry in config["runs"]:
+        r = read_train("cifar_projections", entry["name"])
+        if r is None:
+            missing.append(entry["name"])
+            continue
+        first = first or r
+        rows.append(
+            [
+                f"`{entry['name']}`",
+                fmt(r["val_accuracy"]),
+                fmt(r["test_accuracy"]),
+                r["steps"],
+                f"{r['learning_rate']:.4g}",
+                f"{r['step_time_ms']:.1f}",
+                mib(r["peak_memory_bytes"]),
+                f"{r['setup_time_s']:.1f}",
+                f"{r['wall_time_s']:.0f}",
+            ]
+        )
+    if not rows:
+        return "Not run.\n\n" + commands("cifar_projections")
+    out = table(
+        [
+            "projection",
+            "val acc",
+            "test acc",
+            "steps",
+            "lr",
+            "step ms (median)",
+            "peak RSS MiB",
+            "setup s",
+            "wall s",
+        ],
+        rows,
+    )
+    if missing:
+        out += f"\n\nNot run: {', '.join(missing)}."
+    out += "\n\nHyperparameters: " + hyper_line(first["config"], first["learning_rate"])
+    return out + "\n\n" + commands("cifar_projections")
+
+
+def section_summary() -> str:
+    """Headline numbers of every experiment, and the total measured wall time."""
+    rows = []
+    for run, criterion in (("mlp_mnist_dense_d750", 0.85), ("mlp_mnist_direct", 0.97)):
+        r = read_train("done_criteria", run)
+        what = "done criterion: " + ("dense d = 750" if "dense" in run else "direct")
+        if r is None:
+            rows.append([what, f"not run (criterion >= {criterion})", "", ""])
+        else:
+            ok = "pass" if r["val_accuracy"] >= criterion else "FAIL"
+            rows.append([what, f"{fmt(r['val_accuracy'])} (>= {criterion}: {ok})", "", ""])
+    for key, experiment, run, title in SWEEPS:
+        data = read_sweep(experiment, run)
+        ref = REFERENCE[key]
+        if data is None or not data[0] or not data[1]:
+            rows.append([f"{title}: d_int90", "not run", ref["seed_dint90"], ref["li_dint90"]])
+            continue
+        summ = summarize_sweep(*data)
+        value = "not reached" if summ["d_int"] is None else f"{summ['d_int']:,.0f}"
+        epochs = data[1][0]["epochs"]
+        rows.append(
+            [
+                f"{title}: d_int90 ({epochs} epoch(s), {data[1][0]['projection']})",
+                value,
+                ref["seed_dint90"],
+                ref["li_dint90"],
+            ]
+        )
+    wall = 0.0
+    for path in RESULTS.glob("*/*.json"):
+        wall += _results.read_json(path).get("wall_time_s", 0.0)
+    for path in RESULTS.glob(f"*/*/{RUNS_FILE}"):
+        wall += sum(r["wall_time_s"] for r in _dedupe(path))
+    out = table(["", "this run", "seed report", "Li et al. 2018"], rows)
+    return out + f"\n\nTotal wall time of the runs recorded under `results/`: {wall / 60:.0f} min."
+
+
+def _dedupe(path: Path) -> list[dict]:
+    """One record per (config, d) of a runs.jsonl file: vmapped seeds share one run."""
+    seen = {}
+    for r in _results.read_jsonl(path):
+        seen[(r["config_key"], int(r["dim"]))] = r
+    return list(seen.values())
+
+
+SECTIONS = {
+    "summary": section_summary,
+    "hardware": section_hardware,
+    "done_criteria": section_done,
+    **{
+        f"sweep_{key}": (lambda k=key, e=exp, r=run, t=title: section_sweep(k, e, r, t))
+        for key, exp, run, title in SWEEPS
+    },
+    "orth_vs_gauss": section_orth,
+    "small_models": section_small,
+    "cifar_projections": section_projections,
+}
+
+
+def replace_sections(text: str, sections: dict[str, str]) -> tuple[str, list[str]]:
+    """Replace the body between each ``BEGIN/END generated:NAME`` marker pair."""
+    missing = []
+    for name, body in sections.items():
+        tag = re.escape(name)
+        pattern = re.compile(
+            rf"(<!-- BEGIN generated:{tag} -->\n).*?(<!-- END generated:{tag} -->)", re.S
+        )
+        if not pattern.search(text):
+            missing.append(name)
+            continue
+        text = pattern.sub(lambda m, b=body: m.group(1) + b.rstrip() + "\n" + m.group(2), text)
+    return text, missing
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--print", action="store_true", help="print the sections only")
+    parser.add_argument("--results", default=None, help="read another results folder")
+    opts = parser.parse_args(argv)
+    if opts.results:
+        global RESULTS, FIGURES
+        RESULTS = Path(opts.results).resolve()
+        FIGURES = RESULTS / "figures"  # keep docs/results for the real results
+    FIGURES.mkdir(parents=True, exist_ok=True)
+    sections = {name: fn() for name, fn in SECTIONS.items()}
+    if opts.print:
+        for name, body in sections.items():
+            print(f"## {name}\n\n{body}\n")
+        return 0
+    text = RESULTS_MD.read_text()
+    text, missing = replace_sections(text, sections)
+    RESULTS_MD.write_text(text)
+    if missing:
+        print(f"RESULTS.md has no markers for: {', '.join(missing)}", file=sys.stderr)
+    sizes = Counter()
+    for png in FIGURES.glob("*.png"):
+        sizes[png.name] = png.stat().st_size
+        if png.stat().st_size > 150_000:
+            print(f"warning: {png} is {png.stat().st_size / 1e3:.0f} KB", file=sys.stderr)
+    print(f"updated {RESULTS_MD.name}; figures: {', '.join(sorted(sizes))}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The experiment configs: every invocation parses with the CLI's parser; nothing is trained."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from subspace_jax import cli
+from subspace_jax.models import model_names
+from subspace_jax.projections import projection_names
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _load_runner():
+    spec = importlib.util.spec_from_file_location(
+        "experiments_run", ROOT / "experiments" / "run.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+run = _load_runner()
+NAMES = run.config_names()
+
+
+def test_there_are_configs():
+    assert {"done_criteria", "mnist_mlp_sweep"} <= set(NAMES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("quick", [False, True])
+def test_every_invocation_parses(name, quick):
+    config = run.load_config(name)
+    parser = cli.build_parser()
+    for entry in config["runs"]:
+        args, out = run.invocation(name, entry, quick=quick)
+        ns = parser.parse_args(args)
+        assert ns.command == args[0]
+        assert ns.model in model_names()
+        assert ns.projection in projection_names()
+        cli.parse_seeds(ns.seeds)
+        if ns.command == "sweep":
+            dims = cli.parse_dims(ns.dims)
+            assert ns.out == str(out)
+            if quick:
+                assert len(dims) <= run.QUICK_DIMS
+        else:
+            assert ns.json == str(out)
+        expected_root = Path("results") / ("quick" if quick else "") / name
+        assert out.parent == expected_root
+        if quick:
+            assert ns.epochs == 1 and ns.max_steps == int(run.QUICK_SETTINGS["--max-steps"])
+
+
+def test_set_flag_replaces_or_appends():
+    assert run.set_flag(["train", "--epochs", "5"], "--epochs", "1") == ["train", "--epochs", "1"]
+    assert run.set_flag(["train"], "--max-steps", "3") == ["train", "--max-steps", "3"]
+
+
+def test_load_config_rejects_unknown_name():
+    with pytest.raises(ValueError, match="unknown experiment 'nope'"):
+        run.load_config("nope")
+
+
+def test_load_config_rejects_output_flags(tmp_path, monkeypatch):
+    bad = {
+        "description": "x",
+        "figure": "y",
+        "runs": [{"name": "a", "description": "b", "args": ["train", "--json", "z"]}],
+    }
+    (tmp_path / "bad.json").write_text(__import__("json").dumps(bad))
+    monkeypatch.setattr(run, "CONFIG_DIR", tmp_path)
+    with pytest.raises(ValueError, match="run.py adds the paths"):
+        run.load_config("bad")
+
+
+def test_dry_run_prints_invocations(capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)  # main() changes to the repository root; restore it afterwards
+    assert run.main(["done_criteria", "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    assert "subspace-jax train --model mlp" in err and "--json results/done_criteria/" in err
+
+
+def test_summarize_replaces_only_between_markers():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "experiments_summarize", ROOT / "experiments" / "summarize.py"
+    )
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    text = (
+        "prose 1\n<!-- BEGIN generated:a -->\nold\n<!-- END generated:a -->\nprose 2\n"
+        "<!-- BEGIN generated:b -->\n<!-- END generated:b -->\n"
+    )
+    new, missing = summarize.replace_sections(text, {"a": "| x |", "b": "y", "c": "z"})
+    assert new == (
+        "prose 1\n<!-- BEGIN generated:a -->\n| x |\n<!-- END generated:a -->\nprose 2\n"
+        "<!-- BEGIN generated:b -->\ny\n<!-- END generated:b -->\n"
+    )
+    assert missing == ["c"]
