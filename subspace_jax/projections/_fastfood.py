@@ -34,7 +34,7 @@ from subspace_jax.projections._hadamard import fwht
 
 def fastfood_sizes(D: int, d: int) -> tuple[int, int]:
     """Block size ``n = 2^ceil(log2 d)`` and number of blocks ``ceil(D / n)``."""
-    n = 1 << max(0, math.ceil(math.log2(d)))
+    n = 1 << (d - 1).bit_length()
     return n, -(-D // n)
 
 
@@ -69,50 +69,74 @@ class FastfoodState:
     d: int = struct.field(pytree_node=False)
 
 
-def random_permutations(key: jax.Array, rows: int, n: int) -> tuple[jax.Array, jax.Array]:
-    """``rows`` independent uniform permutations of ``range(n)`` and their inverses.
+# All the randomness of an init comes from one ``jax.random.bits`` call: on CPU, XLA takes about
+# a second to compile each random-number generator call, more than the init itself.
+
+
+def _signs(bits: jax.Array) -> jax.Array:
+    """+-1 (float32) from the top bit of each uint32."""
+    return jnp.where(bits >> 31 == 0, 1.0, -1.0).astype(jnp.float32)
+
+
+def _normals(bits: jax.Array) -> jax.Array:
+    """Standard normals (float32) from uint32 bits, by inverting the CDF at an open uniform.
+
+    The uniform ``(k + 1/2) / 2^24`` (``k`` the top 24 bits) is never 0 or 1, so the draws are
+    finite (``|z| < 5.5``).
+    """
+    u = ((bits >> 8).astype(jnp.float32) + 0.5) * (2.0**-24)
+    return math.sqrt(2.0) * jax.lax.erf_inv(2.0 * u - 1.0)
+
+
+def random_permutations(bits_hi: jax.Array, bits_lo: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Uniform random permutations of ``range(n)``, one per row, and their inverses.
 
     One sort on two 32-bit random keys per element (ties have probability ``~n^2 / 2^65``),
-    faster than ``jax.random.permutation``; the inverse is a scatter (only at init).
+    much faster than ``jax.random.permutation``; the inverse is a scatter (only at init).
+
+    Args:
+      bits_hi: ``(rows, n)`` uint32 random bits, the first sort key.
+      bits_lo: ``(rows, n)`` uint32 random bits, the tie-breaking key.
 
     Returns:
       ``(perm, inv)``, both ``(rows, n)`` int32, with ``inv[r, perm[r, i]] = i``.
     """
-    bits = jax.random.bits(key, (2, rows, n), jnp.uint32)
+    rows, n = bits_hi.shape
     iota = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (rows, n))
-    *_, perm = jax.lax.sort((bits[0], bits[1], iota), dimension=1, num_keys=2)
+    *_, perm = jax.lax.sort((bits_hi, bits_lo, iota), dimension=1, num_keys=2)
     row = jnp.arange(rows, dtype=jnp.int32)[:, None]
     inv = jnp.zeros((rows, n), jnp.int32).at[row, perm].set(iota, unique_indices=True)
     return perm, inv
 
 
-def _chi(key: jax.Array, n: int, shape: tuple[int, ...]) -> jax.Array:
+def _chi(bits: jax.Array, n: int) -> jax.Array:
     """Samples with ``E[s^2] = n`` exactly: ``chi(n)`` for ``n <= 16``, else its normal approx.
 
-    For ``n > 16``, ``s ~ N(sqrt(n - 1/2), 1/2)`` (the classical approximation of the chi
-    distribution, accurate to ``O(1/n)``), whose second moment is exactly ``n``.
+    For ``n <= 16``, ``bits`` has shape ``(n, ...)`` and ``s`` is the norm of ``n`` normals;
+    otherwise ``bits`` has shape ``(1, ...)`` and ``s ~ N(sqrt(n - 1/2), 1/2)``, the classical
+    approximation of the chi distribution (error ``O(1/n)``), whose second moment is exactly
+    ``n``.
     """
+    z = _normals(bits)
     if n <= 16:
-        z = jax.random.normal(key, (*shape, n), jnp.float32)
-        return jnp.sqrt(jnp.sum(z * z, axis=-1))
-    return math.sqrt(n - 0.5) + math.sqrt(0.5) * jax.random.normal(key, shape, jnp.float32)
+        return jnp.sqrt(jnp.sum(z * z, axis=0))
+    return math.sqrt(n - 0.5) + math.sqrt(0.5) * z[0]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3))
 def _fastfood_init(key: jax.Array, D: int, d: int, shared_signs: bool) -> FastfoodState:
     n, nb = fastfood_sizes(D, d)
-    k_b, k_g, k_p, k_s = jax.random.split(key, 4)
-    sign_shape = (1, n) if shared_signs else (nb, n)
-    signs = jnp.where(jax.random.bernoulli(k_b, 0.5, sign_shape), 1.0, -1.0)
-    gauss = jax.random.normal(k_g, (nb, n), jnp.float32)
-    perm, inv_perm = random_permutations(k_p, nb, n)
+    bits = jax.random.bits(key, (4 + (n if n <= 16 else 1), nb, n), jnp.uint32)
+    signs = _signs(bits[0, :1] if shared_signs else bits[0])
+    gauss = _normals(bits[1])
+    perm, inv_perm = random_permutations(bits[2], bits[3])
     inv_perm = inv_perm + (jnp.arange(nb, dtype=jnp.int32) * n)[:, None]
     # s_i ~ chi(n), the norm of an n-dimensional standard normal vector (Le et al.): a Gaussian
     # row's norm. Divided by ||g_b|| (the norm of every row of H G Pi H B) and sqrt(n D).
-    chi = _chi(k_s, n, (nb, n))
+    chi = _chi(bits[4:], n)
     gnorm = jnp.sqrt(jnp.sum(gauss * gauss, axis=1, keepdims=True))
     scale = chi / (gnorm * math.sqrt(n * D))
-    return FastfoodState(signs.astype(jnp.float32), gauss, perm, inv_perm, scale, D=D, d=d)
+    return FastfoodState(signs, gauss, perm, inv_perm, scale, D=D, d=d)
 
 
 def _take(x: jax.Array, idx: jax.Array) -> jax.Array:
@@ -232,15 +256,16 @@ def hadamard_window(D: int) -> int:
 class OrthogonalHadamardState:
     """``R = prod_t W_t Pi_t`` over ``t < L`` rounds; ``P = R[:, :d]``.
 
-    ``W_t = T_last T_first diag(signs_t)``, where ``T_first`` (``T_last``) applies the
-    normalised Hadamard ``H_m / sqrt(m)`` to the first (last) ``m`` coordinates and is the
-    identity elsewhere, ``m`` the largest power of two ``<= D`` (``T_last`` is omitted when
+    ``W_t = T_last Sigma'_t T_first Sigma_t``: ``Sigma_t = diag(signs[t, 0])`` and
+    ``Sigma'_t = diag(signs[t, 1])``; ``T_first`` (``T_last``) applies the normalised Hadamard
+    ``H_m / sqrt(m)`` to the first (last) ``m`` coordinates and is the identity elsewhere,
+    ``m`` the largest power of two ``<= D`` (``T_last`` and ``Sigma'_t`` are omitted when
     ``m = D``).
 
     Attributes:
       perm: ``(L, D)`` int32, ``(Pi_t x)[i] = x[perm[t, i]]``.
       inv_perm: ``(L, D)`` int32, the inverse permutations (``Pi_t^T`` as a gather).
-      signs: ``(L, D)`` float32, +-1.
+      signs: ``(L, 2, D)`` float32, +-1.
       D: number of rows (static).
       d: number of columns (static).
     """
@@ -254,11 +279,10 @@ class OrthogonalHadamardState:
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _orth_init(key: jax.Array, D: int, d: int) -> OrthogonalHadamardState:
-    rounds = ORTHOGONAL_HADAMARD_ROUNDS
-    k_p, k_s = jax.random.split(key)
-    perm, inv = random_permutations(k_p, rounds, D)
-    signs = jnp.where(jax.random.bernoulli(k_s, 0.5, (rounds, D)), 1.0, -1.0)
-    return OrthogonalHadamardState(perm, inv, signs.astype(jnp.float32), D=D, d=d)
+    bits = jax.random.bits(key, (4, ORTHOGONAL_HADAMARD_ROUNDS, D), jnp.uint32)
+    perm, inv = random_permutations(bits[0], bits[1])
+    signs = _signs(jnp.stack([bits[2], bits[3]], axis=1))
+    return OrthogonalHadamardState(perm, inv, signs, D=D, d=d)
 
 
 def _hadamard_window(x: jax.Array, start: int, m: int) -> jax.Array:
@@ -267,32 +291,42 @@ def _hadamard_window(x: jax.Array, start: int, m: int) -> jax.Array:
     return jnp.concatenate([x[:start], mid, x[start + m :]])
 
 
+# The rounds run under ``lax.scan``: one compiled body instead of L unrolled copies.
+
+
 def _orth_mv(state: OrthogonalHadamardState, w: jax.Array) -> jax.Array:
     D = state.D
     m = hadamard_window(D)
-    x = jnp.pad(w, (0, D - w.shape[0]))
-    for t in range(state.perm.shape[0]):
-        x = state.signs[t] * _take(x, state.perm[t])
+
+    def round_(x, xs):
+        perm, signs = xs
+        x = signs[0] * _take(x, perm)  # Sigma_t Pi_t
         x = _hadamard_window(x, 0, m)  # T_first
         if m < D:
-            x = _hadamard_window(x, D - m, m)  # T_last
+            x = _hadamard_window(signs[1] * x, D - m, m)  # T_last Sigma'_t
+        return x, None
+
+    x, _ = jax.lax.scan(round_, jnp.pad(w, (0, D - w.shape[0])), (state.perm, state.signs))
     return x
 
 
 def _orth_rmv(state: OrthogonalHadamardState, g: jax.Array) -> jax.Array:
     D = state.D
     m = hadamard_window(D)
-    y = g
-    for t in reversed(range(state.perm.shape[0])):
+
+    def round_(y, xs):
+        inv_perm, signs = xs
         if m < D:
-            y = _hadamard_window(y, D - m, m)  # T_last^T = T_last
-        y = _hadamard_window(y, 0, m)  # T_first^T = T_first
-        y = _take(state.signs[t] * y, state.inv_perm[t])  # Pi_t^T, a gather
+            y = signs[1] * _hadamard_window(y, D - m, m)  # Sigma'_t T_last
+        y = signs[0] * _hadamard_window(y, 0, m)  # Sigma_t T_first
+        return _take(y, inv_perm), None  # Pi_t^T, a gather
+
+    y, _ = jax.lax.scan(round_, g, (state.inv_perm, state.signs), reverse=True)
     return y[: state.d]
 
 
 def _orth_bytes(D: int, d: int) -> int:
-    return 12 * ORTHOGONAL_HADAMARD_ROUNDS * D
+    return 16 * ORTHOGONAL_HADAMARD_ROUNDS * D
 
 
 def orthogonal_hadamard() -> Projection:
@@ -302,28 +336,33 @@ def orthogonal_hadamard() -> Projection:
     the ``D x D`` orthogonal matrices
 
     * ``Pi_t``: a random permutation;
-    * ``Sigma_t``: a diagonal of random signs;
+    * ``Sigma_t``, ``Sigma'_t``: diagonals of random signs;
     * ``T_first`` / ``T_last``: the normalised Hadamard ``H_m / sqrt(m)`` acting on the first /
       last ``m`` coordinates, the identity on the others.
 
-    Then ``R = prod_{t=L..1} (T_last T_first Sigma_t Pi_t)`` with ``L = 3`` rounds is a
-    product of orthogonal matrices, hence orthogonal, and ``P = R[:, :d]`` (``w`` zero-padded
-    to ``D``) has exactly orthonormal columns. The two windows overlap (``2m > D``), so every
-    coordinate passes through a full ``m``-point Hadamard each round, and the permutations
-    spread each column over all ``D`` coordinates (a single round would leave most of a
-    column's mass inside one window). When ``D`` is a power of two there is one window
-    (``T_last`` is skipped) and this is the structured orthogonal transform
-    ``H Sigma_3 H Sigma_2 H Sigma_1`` with permutations. Restricting the rows of a larger
-    ``n x n`` orthogonal matrix to ``D < n`` instead would lose exact orthogonality; the
-    windows avoid that.
+    Then ``R = prod_{t=L..1} (T_last Sigma'_t T_first Sigma_t Pi_t)`` with ``L = 3`` rounds is
+    a product of orthogonal matrices, hence orthogonal, and ``P = R[:, :d]`` (``w``
+    zero-padded to ``D``) has exactly orthonormal columns, for any ``D``. (Restricting the
+    rows of a larger ``2^k x 2^k`` orthogonal matrix to ``D < 2^k`` would lose exact
+    orthogonality; windows inside ``D`` avoid that.)
+
+    Why each piece: the windows overlap (``2m > D``), so every coordinate passes through at
+    least one ``m``-point Hadamard per round; the permutations spread each column over all
+    ``D`` coordinates across rounds; ``Sigma'_t`` breaks the structure between the two
+    windows (``T_last T_first`` alone maps some columns to shifted, truncated Walsh functions
+    and back to spikes: entries up to ``50 / sqrt(D)`` at ``D = 4097``). With it, the largest
+    entry is that of a Gaussian matrix with unit columns (about ``4.5 / sqrt(D)``). When ``D``
+    is a power of two there is one window and this is the randomised Hadamard product
+    ``H Sigma_3 H Sigma_2 H Sigma_1`` with permutations.
 
     Trade-off versus ``dense``: ``dense`` has exactly unit columns that are only nearly
-    orthogonal (``max |(P^T P)_ij|`` about ``sqrt(log(d) / D)``) and costs ``4 D d`` bytes and
-    ``O(D d)`` time; ``orthogonal`` (QR) is exactly orthonormal but needs several times that
-    while building. This one is exactly orthonormal with ``36 D`` bytes and
-    ``O(L D log D)`` time, but its entries are not Gaussian: each is a signed sum with a few
-    structured magnitudes, and the columns are a pseudo-random, not Haar-distributed,
-    orthonormal frame. ``max_dim(D) = D``.
+    orthogonal (off-diagonals of ``P^T P`` of order ``1 / sqrt(D)``, largest about
+    ``2 sqrt(ln(d) / D)``) and costs ``4 D d`` bytes and ``O(D d)`` time per product;
+    ``orthogonal`` (QR) is exactly orthonormal but needs several times that memory while
+    building. This one is exactly orthonormal with ``48 D`` bytes, builds in about a second
+    at ``D = 472,610``, and costs ``O(L D log D)`` per product, independent of ``d`` (so it
+    is slower than ``dense`` for small ``d``). Its entries are not Gaussian and its columns
+    are a pseudo-random, not Haar-distributed, orthonormal frame. ``max_dim(D) = D``.
 
     Example:
       >>> import jax, jax.numpy as jnp
