@@ -128,6 +128,16 @@ def commands(experiment: str, only: str | None = None) -> str:
     return "```\n" + "\n".join(lines) + "\n```"
 
 
+def lr_span(records: list[dict]) -> str:
+    """The resolved learning rate(s) of some runs: one value, or 'a to b (by d)'."""
+    lrs = sorted({round(float(r["learning_rate"]), 6) for r in records})
+    if not lrs:
+        return "n/a"
+    if len(lrs) == 1:
+        return f"{lrs[0]:.4g}"
+    return f"{lrs[-1]:.4g} to {lrs[0]:.4g} (falling with d above d = 1,000)"
+
+
 def hyper_line(cfg: dict, lr: float, extra: str = "") -> str:
     return (
         f"optimizer {cfg['optimizer']}, lr {lr:.4g} (resolved), batch {cfg['batch_size']}, "
@@ -288,13 +298,12 @@ def section_sweep(key: str, experiment: str, run: str, title: str) -> str:
     if figure:
         out += f"\n\n![{title}]({figure})"
     rec = (base or sub)[0]
-    lr_sub = sub[0]["learning_rate"] if sub else None
     lr_base = base[0]["learning_rate"] if base else None
     wall_per_dim = {int(r["dim"]): r["wall_time_s"] for r in base + sub}  # seeds share a run
     out += (
         f"\n\nHyperparameters: Adam, batch 128, {rec['epochs']} epoch(s), seeds {seeds} "
         f"(vmapped), projection `{sub[0]['projection'] if sub else 'n/a'}`, "
-        f"lr {fmt(lr_sub, 4)} in the subspace and {fmt(lr_base, 4)} direct (resolved defaults); "
+        f"lr {lr_span(sub)} in the subspace and {fmt(lr_base, 4)} direct (resolved defaults); "
         f"total wall time {sum(wall_per_dim.values()) / 60:.1f} min."
     )
     missing = []
@@ -483,7 +492,7 @@ def section_small() -> str:
     if sub:
         s = next(iter(sub.values()))
         out += (
-            f"; subspace: projection `{s['projection']}`, lr {s['learning_rate']:.4g}, "
+            f"; subspace: projection `{s['projection']}`, lr {lr_span(list(sub.values()))}, "
             f"{s['epochs']} epochs, seed 0"
         )
     return out + "\n\n" + commands("small_models")

@@ -229,7 +229,7 @@ def search_intrinsic_dim(
     baseline: str | float = "own",
     metric: str = "val_accuracy",
     which: str = "final",
-    precision: float = 0.1,
+    precision: float = 0.2,
     d_start: int = 64,
     d_min: int = 1,
     d_max: int | None = None,

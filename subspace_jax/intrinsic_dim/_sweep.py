@@ -28,7 +28,7 @@ def config_key(config: TrainConfig) -> str:
     d = config.to_dict()
     for k in ("seeds", "dim", "data_dir"):
         d.pop(k, None)
-    if config.lr is None and config.dim:  # the default rule changed: a new rule retrains
+    if config.lr is None:  # the default learning rate follows a rule: a new rule retrains
         d["lr_rule"] = LR_RULE
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
