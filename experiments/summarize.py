@@ -84,7 +84,11 @@ def read_train(experiment: str, run: str) -> dict | None:
 
 
 def read_sweep(experiment: str, run: str) -> tuple[list[dict], list[dict]] | None:
-    """(baseline records, subspace records) of the configuration run last in that folder."""
+    """(baseline records, subspace records) of the sweep run last in that folder."""
+    summary = RESULTS / experiment / run / "sweep.json"
+    if summary.exists():  # what the last sweep used (its baseline may come from an older key)
+        data = _results.read_json(summary)
+        return list(data["baseline"]["runs"]), list(data["runs"])
     records = _results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
     if not records:
         return None
