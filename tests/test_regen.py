@@ -232,14 +232,20 @@ def test_dense_hash_many_blocks(monkeypatch):
 # ---- choose_projection ---------------------------------------------------------------------
 
 
-def test_choose_projection_follows_the_budget():
-    D, d = 10_000, 100
-    dense_bytes = pj.get_projection("dense").state_bytes(D, d)
-    assert pj.choose_projection(D, d, memory_budget_bytes=3 * dense_bytes) == "dense"
-    small = pj.choose_projection(D, d, memory_budget_bytes=3 * dense_bytes - 1)
+def test_choose_projection_follows_the_measured_rule_and_the_budget():
+    ample = 10**12
+    # Tiny problems: a stored dense P (one small matmul), unless it does not fit.
+    assert pj.choose_projection(1000, 100, memory_budget_bytes=ample) == "dense"
+    dense_bytes = pj.get_projection("dense").state_bytes(1000, 100)
+    assert pj.choose_projection(1000, 100, memory_budget_bytes=3 * dense_bytes - 1) == "sparse"
+    # Small d: the CSR very sparse projection; larger d: Fastfood.
+    assert pj.choose_projection(159_010, 100, memory_budget_bytes=ample) == "sparse"
+    assert pj.choose_projection(159_010, 500, memory_budget_bytes=ample) == "sparse"
     expected = "fastfood" if "fastfood" in pj.projection_names() else "dense_hash"
-    assert small == expected
-    # A model whose P could never fit in memory on any machine.
+    assert pj.choose_projection(159_010, 501, memory_budget_bytes=ample) == expected
+    assert pj.choose_projection(472_610, 472_610, memory_budget_bytes=ample) == expected
+    # Sparse that does not fit falls through to the matrix-free projection.
+    assert pj.choose_projection(159_010, 100, memory_budget_bytes=1000) == expected
     assert pj.choose_projection(10**9, 10**5) in ("fastfood", "dense_hash")
     # The default budget is a positive fraction of what is free.
     assert _auto.available_memory_bytes() > 0

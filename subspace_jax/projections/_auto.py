@@ -1,18 +1,22 @@
-"""Pick a projection for ``(D, d)`` from the memory available: ``--projection auto``.
+"""Pick a projection for ``(D, d)`` from measured speed and the memory available.
 
-The rule, in order:
+``--projection auto``. The rule follows the CPU benchmark (BENCHMARKS.md: step time of every
+projection against direct training at D = 159,010 and 472,610): a stored dense P is
+memory-bound and was the slowest of the usable projections there from d = 100 on (12-85x the
+direct step), the CSR very sparse projection was the fastest up to d ~ 500 and Fastfood from
+d ~ 1,000 on (its cost hardly depends on d). In order:
 
-1. ``dense`` (stored Gaussian with unit columns, the library default and the fastest on GPU)
-   when ``DENSE_WORKING_FACTOR * state_bytes = 3 * 4 D d`` bytes fit in the budget. The
-   factor covers the matrix, its generation block and the copies XLA may make around it.
-2. Otherwise the fastest matrix-free projection: ``fastfood`` (``O(D log D)`` per call) when it
-   is registered and allows this ``d``;
-3. otherwise ``dense_hash`` (hashed random signs, ``O(D d)`` per call, no storage).
+1. ``dense`` (stored Gaussian, unit columns) for tiny problems, ``D d <= DENSE_MAX_ENTRIES``
+   (one matmul of at most 4 MiB), when ``DENSE_WORKING_FACTOR * 4 D d`` bytes fit the budget;
+2. ``sparse`` (very sparse, CSR) for ``d <= SPARSE_MAX_DIM`` when its state fits;
+3. ``fastfood`` (``O(D log d)`` per call, ``O(D)`` memory) when registered and valid for ``d``;
+4. otherwise ``dense_hash`` (hashed random signs, no storage).
 
 The budget defaults to half of the memory available on the default device: free GPU memory
 (``bytes_limit - bytes_in_use`` from ``jax.devices()[0].memory_stats()``) on an accelerator,
 else ``MemAvailable`` from ``/proc/meminfo`` (or ``os.sysconf`` where that file is missing).
-Nothing named ``auto`` is registered: callers resolve the name first.
+Nothing named ``auto`` is registered: callers resolve the name first. The rule was measured on
+CPU only; on a GPU a stored dense P may win for moderate ``D d`` (not measured here).
 """
 
 from __future__ import annotations
@@ -26,6 +30,10 @@ from subspace_jax.projections._base import check_sizes, get_projection, projecti
 
 #: Memory a stored dense projection needs, as a multiple of its state (matrix + working copies).
 DENSE_WORKING_FACTOR = 3
+#: Largest ``D * d`` for which a stored dense P is chosen (1M entries: 4 MiB).
+DENSE_MAX_ENTRIES = 1 << 20
+#: Largest d for which the CSR very sparse projection is chosen over Fastfood.
+SPARSE_MAX_DIM = 500
 #: Fraction of the available memory the default budget allows.
 DEFAULT_BUDGET_FRACTION = 0.5
 
@@ -66,8 +74,8 @@ def choose_projection(D: int, d: int, *, memory_budget_bytes: int | None = None)
         :func:`available_memory_bytes`.
 
     Returns:
-      ``"dense"`` if ``3 * 4 D d`` bytes fit, else ``"fastfood"`` if registered and valid for
-      ``d``, else ``"dense_hash"``.
+      ``"dense"``, ``"sparse"``, ``"fastfood"`` or ``"dense_hash"`` by the rule of the module
+      docstring.
 
     Raises:
       ValueError: for invalid sizes or a non-positive budget.
@@ -75,6 +83,8 @@ def choose_projection(D: int, d: int, *, memory_budget_bytes: int | None = None)
     Example:
       >>> choose_projection(1000, 10, memory_budget_bytes=10**9)
       'dense'
+      >>> choose_projection(159_010, 750, memory_budget_bytes=10**9)
+      'fastfood'
     """
     D, d = check_sizes("choose_projection", D, d)
     if memory_budget_bytes is None:
@@ -89,8 +99,11 @@ def choose_projection(D: int, d: int, *, memory_budget_bytes: int | None = None)
         budget = int(memory_budget_bytes)
         if budget <= 0:
             raise ValueError(f"memory_budget_bytes must be >= 1, got {budget}")
-    if DENSE_WORKING_FACTOR * get_projection("dense").state_bytes(D, d) <= budget:
+    fits = lambda name, factor=1: factor * get_projection(name).state_bytes(D, d) <= budget
+    if D * d <= DENSE_MAX_ENTRIES and fits("dense", DENSE_WORKING_FACTOR):
         return "dense"
+    if d <= SPARSE_MAX_DIM and "sparse" in projection_names() and fits("sparse", 2):
+        return "sparse"
     if "fastfood" in projection_names() and d <= get_projection("fastfood").max_dim(D):
         return "fastfood"
     return "dense_hash"
