@@ -698,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=0.2,
         help="stop bisecting when hi/lo - 1 <= this (default 0.2)",
     )
-    p.add_argument("--d-start", type=_positive_int, default=64, help="first d tried (default 64)")
+    p.add_argument("--d-start", type=_positive_int, default=256, help="first d tried (default 256)")
     p.add_argument("--d-max", type=_positive_int, default=None, help="largest d tried (default: D)")
     p.add_argument(
         "--bootstrap",

@@ -115,7 +115,7 @@ def true_crossing(seeds, target, value=fake_acc, lower=False):
 
 
 def test_doubling_then_bisection_finds_the_crossing(tmp_path, fake):
-    res = search(tmp_path, precision=0.05, write=True)
+    res = search(tmp_path, precision=0.05, d_start=64, write=True)
     path = [p["dim"] for p in res["search_path"]]
     # Doubling from 64 until the mean reaches the target, then bisection inside the bracket.
     first_ok = next(i for i, p in enumerate(res["search_path"]) if p["reached"])

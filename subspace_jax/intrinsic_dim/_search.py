@@ -230,7 +230,7 @@ def search_intrinsic_dim(
     metric: str = "val_accuracy",
     which: str = "final",
     precision: float = 0.2,
-    d_start: int = 64,
+    d_start: int = 256,
     d_min: int = 1,
     d_max: int | None = None,
     n_bootstrap: int = 1000,
