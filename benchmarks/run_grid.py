@@ -1,0 +1,109 @@
+"""Run the benchmark grid of the issue and write one JSON list of records.
+
+Models: the MLP on MNIST (D = 159,010) and on CIFAR-10 at 28x28x3 (D = 472,610); d in
+``DIMS`` (``full`` is d = D); every projection in ``PROJECTIONS``, the slow or large ones only
+up to ``SMALL_D_CAP``. Cells that do not fit the memory budget, or whose estimated run time
+exceeds ``--max-cell-seconds``, are reported as skipped with the reason. The JSON is rewritten
+after every record, so an interrupted run keeps what it measured.
+
+Usage (see run_cpu.sh and run_gpu.sh):
+  python benchmarks/run_grid.py --out benchmarks/results/cpu.json --png benchmarks/results/cpu.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+
+from subspace_jax import _results
+from subspace_jax.bench import plot_benchmark, run_benchmark
+
+MODELS = (("mlp", "cifar10"), ("mlp", "mnist"))
+DIMS = (100, 500, 1000, 4500, 10000, 50000, "full")
+PROJECTIONS = (
+    "fastfood",
+    "sparse",
+    "sparse_very",
+    "dense_hash",
+    "orthogonal_hadamard",
+    "dense",
+    "sparse_achlioptas",
+    "dense_regen",
+    "orthogonal",
+)
+#: Projections the issue runs at small d only (slow, or as large as dense).
+SMALL_D_CAP = {"sparse_achlioptas": 1000, "dense_regen": 1000, "orthogonal": 1000}
+
+
+def _round(obj, digits=4):
+    """Round floats to ``digits`` significant digits (a small, commit-able JSON)."""
+    if isinstance(obj, float) and math.isfinite(obj) and obj != 0:
+        return round(obj, digits - 1 - int(math.floor(math.log10(abs(obj)))))
+    if isinstance(obj, dict):
+        return {k: _round(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_round(v, digits) for v in obj]
+    return obj
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", required=True, help="JSON file for the records")
+    p.add_argument("--png", default=None, help="plot of the step-time and memory ratios")
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--max-cell-seconds", type=float, default=60.0)
+    p.add_argument("--isolate", default="cell", choices=("cell", "projection", "none"))
+    p.add_argument("--models", default=",".join(f"{m}:{d}" for m, d in MODELS))
+    p.add_argument("--projections", default=",".join(PROJECTIONS))
+    p.add_argument("--dims", default=",".join(str(d) for d in DIMS))
+    args = p.parse_args(argv)
+
+    models = [tuple(m.split(":")) for m in args.models.split(",")]
+    projections = args.projections.split(",")
+    dims = [d if d == "full" else int(d) for d in args.dims.split(",")]
+    records: list[dict] = []
+    t0 = time.perf_counter()
+
+    def progress(rec: dict) -> None:
+        records.append(_round(rec))
+        _results.write_json(args.out, records)
+        what = rec.get("skipped") or (
+            f"{rec['step_time_ms']:.2f} ms = {rec['ratio']:.2f}x direct, "
+            f"peak {rec['peak_memory_bytes'] / 2**20:.0f} MiB"
+        )
+        print(
+            f"[{time.perf_counter() - t0:6.0f}s] {rec['model']}/{rec['dataset']} "
+            f"{rec['projection']} d={rec['dim']}: {what}",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    final: list[dict] = []
+    for model, dataset in models:
+        final += run_benchmark(
+            model,
+            dataset,
+            dims,
+            projections,
+            steps=args.steps,
+            warmup=args.warmup,
+            batch_size=args.batch_size,
+            isolate=args.isolate,
+            max_cell_seconds=args.max_cell_seconds or None,
+            dim_caps=SMALL_D_CAP,
+            progress=progress,
+        )
+    records = [_round(r) for r in final]  # the grid's order: model, projection, d
+    _results.write_json(args.out, records)
+    if args.png:
+        plot_benchmark(records, args.png)
+    print(f"{len(records)} records in {time.perf_counter() - t0:.0f}s: {args.out}", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
