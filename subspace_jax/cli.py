@@ -620,6 +620,20 @@ def cmd_projections(args) -> int:
     return 0
 
 
+def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
+    """``--fraction``, ``--out`` and ``--json`` of the commands that find d_int."""
+    p.add_argument(
+        "--fraction",
+        type=_positive_float,
+        default=0.9,
+        help="threshold as a fraction of the baseline (default 0.9: d_int90)",
+    )
+    p.add_argument(
+        "--out", default=f"results/{name}", help=f"folder for runs.jsonl, {name}.json and the PNG"
+    )
+    p.add_argument("--json", default=None, help=f"also write the {name} JSON to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="subspace-jax",
@@ -652,14 +666,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(p, dim=False)
     p.add_argument("--dims", required=True, help="e.g. '100,200,400,800'")
-    p.add_argument(
-        "--fraction",
-        type=_positive_float,
-        default=0.9,
-        help="threshold as a fraction of the baseline (default 0.9)",
-    )
-    p.add_argument("--out", default="results/sweep", help="folder for runs.jsonl, sweep.json, PNG")
-    p.add_argument("--json", default=None, help="also write the sweep JSON to this file")
+    _add_search_outputs(p, "sweep")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -677,12 +684,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, dim=False)
     # Three seeds for the interval; Fastfood: O(D log d) per step where dense costs O(D d).
     p.set_defaults(seeds="0,1,2", projection="fastfood")
-    p.add_argument(
-        "--fraction",
-        type=_positive_float,
-        default=0.9,
-        help="threshold as a fraction of the baseline (default 0.9: d_int90)",
-    )
+    _add_search_outputs(p, "id")
     p.add_argument(
         "--baseline",
         default="own",
@@ -706,8 +708,6 @@ def build_parser() -> argparse.ArgumentParser:
         default=1000,
         help="bootstrap resamples of the seeds for the 95%% interval (0: none)",
     )
-    p.add_argument("--out", default="results/id", help="folder for runs.jsonl, id.json, id.png")
-    p.add_argument("--json", default=None, help="also write the id JSON to this file")
     p.set_defaults(func=cmd_id)
 
     p = sub.add_parser(
