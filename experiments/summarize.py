@@ -156,16 +156,11 @@ def hyper_line(cfg: dict, lr: float, extra: str = "") -> str:
 
 
 def section_hardware() -> str:
-    model = "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    model = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
     import jax
+
+    from subspace_jax.bench import cpu_model_name
+
+    model = cpu_model_name() or "unknown"
 
     return table(
         ["", ""],

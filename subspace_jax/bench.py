@@ -199,19 +199,23 @@ def estimate_cell_seconds(
     return step_s, _CELL_OVERHEAD_S[key] + setup_s + (warmup + steps) * step_s
 
 
-def host_description() -> str:
-    """The host's CPU model and core count, e.g. ``"AMD EPYC 9B14, 2 cores"``."""
-    import platform
-
-    name = ""
+def cpu_model_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` ("" where that file is missing)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    name = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return ""
+
+
+def host_description() -> str:
+    """The host's CPU model and core count, e.g. ``"AMD EPYC 9B14, 2 cores"``."""
+    import platform
+
+    name = cpu_model_name()
     return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 

@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _checks import check_grad_is_transpose_and_jit_matches_eager
 
 from subspace_jax import projections as pj
 from subspace_jax.projections import _sparse_formats as sf
@@ -51,14 +52,7 @@ def test_apply_and_transpose_match_reference(built):
 def test_gradient_through_apply_is_transpose_and_jit_matches_eager(built):
     proj, _, state, _, _ = built
     w, g = jnp.asarray(_vec(3, d)), jnp.asarray(_vec(4, D))
-    with jax.numpy_rank_promotion("raise"), jax.numpy_dtype_promotion("strict"):
-        grad = jax.grad(lambda w: jnp.vdot(proj.apply(state, w), g))(w)
-        pt = proj.transpose(state, g)
-        np.testing.assert_allclose(grad, pt, rtol=1e-6, atol=1e-6)
-        np.testing.assert_allclose(
-            jax.jit(proj.apply)(state, w), proj.apply(state, w), rtol=1e-6, atol=1e-6
-        )
-        np.testing.assert_allclose(jax.jit(proj.transpose)(state, g), pt, rtol=1e-6, atol=1e-6)
+    check_grad_is_transpose_and_jit_matches_eager(proj, state, w, g)
 
 
 def test_vmap_over_keys_equals_loop(built):
