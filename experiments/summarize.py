@@ -572,12 +572,17 @@ def section_summary() -> str:
             ]
         )
     wall = 0.0
+    # Only the experiments' own folders (results/ may also hold ad-hoc runs).
+    experiments = {p.stem for p in (Path(__file__).parent / "configs").glob("*.json")}
     for path in RESULTS.glob("*/*.json"):
-        wall += _results.read_json(path).get("wall_time_s", 0.0)
+        if path.parent.name in experiments:
+            wall += _results.read_json(path).get("wall_time_s", 0.0)
     for path in RESULTS.glob(f"*/*/{RUNS_FILE}"):
-        wall += sum(r["wall_time_s"] for r in _dedupe(path))
+        if path.parent.parent.name in experiments:
+            wall += sum(r["wall_time_s"] for r in _dedupe(path))
     out = table(["", "this run", "seed report", "Li et al. 2018"], rows)
-    return out + f"\n\nTotal wall time of the runs recorded under `results/`: {wall / 60:.0f} min."
+    note = f"Total wall time of the experiment runs under `results/`: {wall / 60:.0f} min."
+    return out + "\n\n" + note
 
 
 def _dedupe(path: Path) -> list[dict]:
