@@ -74,13 +74,6 @@ STORED_DENSE = ("dense", "dense_unnormalized", "orthogonal")
 #: Ways of running the cells: a fresh process per cell, one per projection (its dims in
 #: ascending order, so the process peak is the largest d's), or all in this process.
 ISOLATION = ("cell", "projection", "none")
-#: Input shapes (H, W, C) of the datasets at their native size.
-NATIVE_SHAPES = {
-    "digits": (28, 28, 1),
-    "mnist": (28, 28, 1),
-    "fashion_mnist": (28, 28, 1),
-    "cifar10": (32, 32, 3),
-}
 #: Record fields every record carries (``None`` where a skipped cell has no value).
 CONTRACT_FIELDS = (
     "projection",
@@ -142,15 +135,9 @@ def input_shape(model: str, dataset: str) -> tuple[int, int, int]:
     Raises:
       ValueError: for an unknown dataset.
     """
-    from subspace_jax.train import default_image_size
+    from subspace_jax.train import input_shape as train_input_shape
 
-    if dataset not in NATIVE_SHAPES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NATIVE_SHAPES)}")
-    h, w, c = NATIVE_SHAPES[dataset]
-    size = default_image_size(model, dataset)
-    if size:
-        h = w = size
-    return (h, w, c)
+    return train_input_shape(model, dataset)
 
 
 def _work(name: str, D: int, d: int) -> tuple[str, float, float]:

@@ -221,20 +221,11 @@ def _auto_projection(args, d: int) -> str:
 
 def _num_params(args) -> int:
     from subspace_jax.models import build_model
-    from subspace_jax.train import default_image_size
+    from subspace_jax.train import input_shape
 
-    shapes = {
-        "digits": (28, 28, 1),
-        "mnist": (28, 28, 1),
-        "fashion_mnist": (28, 28, 1),
-        "cifar10": (32, 32, 3),
-    }
-    h, w, c = shapes[args.dataset]
-    size = args.image_size or default_image_size(args.model, args.dataset)
-    if size:
-        h = w = size
+    shape = input_shape(args.model, args.dataset, args.image_size)
     overrides = {"width": args.width} if getattr(args, "width", None) else {}
-    return build_model(args.model, (h, w, c), 10, **overrides).num_params
+    return build_model(args.model, shape, 10, **overrides).num_params
 
 
 # ------------------------------------------------------------------------------ progress

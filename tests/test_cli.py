@@ -171,3 +171,15 @@ def test_projections_command_lists_registry(capsys):
     assert cli.main(["projections"]) == 0
     out = capsys.readouterr().out
     assert "dense " in out and "sparse_very" in out
+
+
+def test_bad_dim_is_reported_before_any_data_is_read(tmp_path, monkeypatch, capsys):
+    from subspace_jax.train import _loop
+
+    def no_data(config):
+        raise AssertionError("data was read before the sizes were checked")
+
+    monkeypatch.setattr(_loop, "load_data", no_data)
+    args = ["train", "--quiet", "--dataset", "cifar10", "--data-dir", str(tmp_path)]
+    assert cli.main([*args, "--dim", "9999999", "--projection", "orthogonal"]) == 2
+    assert "d = 9999999 is out of range" in capsys.readouterr().err

@@ -175,6 +175,30 @@ def default_image_size(model: str, dataset: str) -> int | None:
     return None
 
 
+#: Input shapes (H, W, C) of the datasets at their native size.
+NATIVE_SHAPES = {
+    "digits": (28, 28, 1),
+    "mnist": (28, 28, 1),
+    "fashion_mnist": (28, 28, 1),
+    "cifar10": (32, 32, 3),
+}
+
+
+def input_shape(model: str, dataset: str, image_size: int | None = None) -> tuple[int, int, int]:
+    """The ``(H, W, C)`` input of ``model`` on ``dataset`` as :func:`load_data` prepares it.
+
+    Raises:
+      ValueError: for an unknown dataset.
+    """
+    if dataset not in NATIVE_SHAPES:
+        raise ValueError(f"unknown dataset {dataset!r}; choose one of: {', '.join(NATIVE_SHAPES)}")
+    h, w, c = NATIVE_SHAPES[dataset]
+    size = image_size or default_image_size(model, dataset)
+    if size:
+        h = w = size
+    return (h, w, c)
+
+
 def make_optimizer(name: str, lr: float) -> optax.GradientTransformation:
     if name == "adam":
         return optax.adam(lr)
@@ -294,9 +318,17 @@ def train_and_evaluate(
     validate_config(config)
     t_start = time.perf_counter()
     if data is None:
+        # Check the model and the subspace's sizes before reading (possibly large) data.
+        expected = build_model(
+            config.model,
+            input_shape(config.model, config.dataset, config.image_size),
+            10,
+            **dict(config.model_overrides),
+        )
+        config_layout(config, jax.eval_shape(expected.init, jax.random.key(0)))
         data = load_data(config)
-    input_shape = tuple(int(s) for s in data.x_train.shape[1:])
-    model = build_model(config.model, input_shape, data.num_classes, **dict(config.model_overrides))
+    data_shape = tuple(int(s) for s in data.x_train.shape[1:])
+    model = build_model(config.model, data_shape, data.num_classes, **dict(config.model_overrides))
     if theta0_fn is None and config.theta0_path is not None:
         theta0_fn = checkpoint_init(config.theta0_path, model)
     if theta0_fn is not None:
