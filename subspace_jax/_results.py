@@ -10,6 +10,7 @@ import csv
 import json
 import math
 import os
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -46,31 +47,93 @@ def read_json(path: str | os.PathLike) -> Any:
         return json.load(f)
 
 
+def repair_jsonl(path: str | os.PathLike) -> int:
+    """Cut a torn last line (bytes after the last newline, an interrupted append) off a file.
+
+    A record counts only once its line ends in a newline (:func:`append_jsonl` writes the
+    record and its newline in one call), so the bytes after the last newline are what a killed
+    writer left half-written; they are reported on stderr and removed, so the next append
+    starts on a line of its own.
+
+    Returns:
+      The number of bytes removed (0 when the file is missing or ends in a newline).
+    """
+    path = Path(path)
+    try:
+        f = open(path, "r+b")
+    except FileNotFoundError:
+        return 0
+    with f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return 0
+        pos = size
+        block = 1 << 16
+        while pos > 0:
+            start = max(0, pos - block)
+            f.seek(start)
+            chunk = f.read(pos - start)
+            nl = chunk.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            pos = start
+        else:
+            keep = 0
+        if keep == size:
+            return 0
+        f.truncate(keep)
+        f.flush()
+        os.fsync(f.fileno())
+    print(
+        f"warning: {path}: removed a torn last line ({size - keep} bytes without a newline, "
+        "left by an interrupted write); that run will be trained again",
+        file=sys.stderr,
+    )
+    return size - keep
+
+
 def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one record as a JSON line and flush it to disk."""
+    """Append one record as a JSON line and flush it to disk.
+
+    A torn last line left by an interrupted writer is removed first (:func:`repair_jsonl`);
+    the record and its newline go to the file in one write.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        f.write(json.dumps(_clean(record)) + "\n")
+    repair_jsonl(path)
+    line = (json.dumps(_clean(record)) + "\n").encode()
+    with open(path, "ab") as f:
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
-    """Every complete record of a JSON-lines file (a torn last line is skipped)."""
+    """Every complete record of a JSON-lines file.
+
+    Only lines that end in a newline are records: a torn last line (an interrupted append) is
+    never trusted, and a line that is not a JSON object is skipped with a warning on stderr.
+    """
     path = Path(path)
     if not path.exists():
         return []
     out = []
-    with open(path) as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")
+    # The last element is what follows the last newline: empty, or a torn line.
+    for number, line in enumerate(lines[:-1], start=1):
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            record = None
+        if not isinstance(record, dict):
+            print(f"warning: {path}: line {number} is not a JSON record; skipped", file=sys.stderr)
+            continue
+        out.append(record)
     return out
 
 
