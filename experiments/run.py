@@ -13,9 +13,11 @@ An experiment is ``experiments/configs/<name>.json``::
 
 Each run's output path is added here, never written in the config: a ``train`` run gets
 ``--json results/<name>/<run>.json`` and a ``sweep`` run ``--out results/<name>/<run>``. Runs
-are resumable: a ``train`` run whose JSON exists is skipped, and a ``sweep`` reuses every run
-already in its folder (the sweep command does that itself). ``--quick`` smoke-tests a config in
-seconds: one epoch of a few steps, the first two dims of each sweep, results under
+are resumable: a ``train`` run is skipped when its JSON exists and was made by the same
+configuration (every field of its ``config``) on the same data (its ``data_fingerprint``), and
+is trained again otherwise; a ``sweep`` reuses every run already in its folder whose
+configuration and data match (the sweep command does that itself). ``--quick`` smoke-tests
+a config in seconds: one epoch of a few steps, the first two dims of each sweep, results under
 ``results/quick/<name>/``.
 
 Usage (from the repository root)::
@@ -124,12 +126,44 @@ def invocation(experiment: str, run: dict, *, quick: bool = False) -> tuple[list
     return args, out
 
 
+def stale_reason(args: Sequence[str], out: Path, fingerprints: dict | None = None) -> str | None:
+    """Why the JSON at ``out`` is not the result of the ``train`` invocation ``args``.
+
+    Returns None when it was made by the same configuration on the same data (reuse it);
+    otherwise a short reason (it is unreadable, the config changed, or the data did). The data
+    is loaded to fingerprint it; ``fingerprints`` caches the fingerprints between calls.
+    """
+    from subspace_jax import cli
+    from subspace_jax.data import data_fingerprint
+    from subspace_jax.train import load_data
+
+    try:
+        existing = json.loads(out.read_text())
+    except (OSError, ValueError):
+        return "its JSON is unreadable"
+    if not isinstance(existing, dict):
+        return "its JSON is not a result"
+    ns = cli.build_parser().parse_args(list(args))
+    config = cli._subspace_kind_config(ns, cli.config_from_args(ns))
+    if existing.get("config") != json.loads(json.dumps(config.to_dict())):
+        return "its config changed"
+    cache = {} if fingerprints is None else fingerprints
+    which = (config.dataset, config.data_dir, config.val_size, config.data_seed, config.image_size)
+    if which not in cache:
+        cache[which] = data_fingerprint(load_data(config))
+    if existing.get("data_fingerprint") != cache[which]:
+        return "its data changed"
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("experiment", nargs="?", help=f"one of: {', '.join(config_names())}")
     parser.add_argument("--quick", action="store_true", help="a few steps of each run")
     parser.add_argument("--only", action="append", help="run only these run names")
-    parser.add_argument("--force", action="store_true", help="rerun train runs that exist")
+    parser.add_argument(
+        "--force", action="store_true", help="rerun train runs whose JSON is up to date"
+    )
     parser.add_argument("--dry-run", action="store_true", help="print the invocations only")
     parser.add_argument("--list", action="store_true", help="list the experiments")
     opts = parser.parse_args(argv)
@@ -149,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise SystemExit(f"error: unknown run(s) {unknown} in {opts.experiment}")
         runs = [r for r in runs if r["name"] in opts.only]
     status = 0
+    fingerprints: dict = {}
     for run in runs:
         args, out = invocation(opts.experiment, run, quick=opts.quick)
         line = "subspace-jax " + " ".join(args)
@@ -156,8 +191,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if opts.dry_run:
             continue
         if args[0] == "train" and out.exists() and not opts.force:
-            print(f"   exists, skipped: {out}", file=sys.stderr, flush=True)
-            continue
+            reason = stale_reason(args, out, fingerprints)
+            if reason is None:
+                print(f"   exists, skipped: {out}", file=sys.stderr, flush=True)
+                continue
+            print(f"   {out} exists but {reason}: training again", file=sys.stderr, flush=True)
+        if args[0] == "train":
+            out.parent.mkdir(parents=True, exist_ok=True)  # --json needs an existing folder
         t0 = time.perf_counter()
         rc = cli.main(args)
         print(

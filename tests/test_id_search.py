@@ -7,6 +7,7 @@ answer can be checked against the exact crossing of the fake's mean curve.
 
 import json
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -90,6 +91,10 @@ def fake(monkeypatch):
     return trainer
 
 
+#: Stands for a loaded dataset: the fake trainer never reads it; its fingerprint keys the runs.
+FAKE_DATA = SimpleNamespace(fingerprint="fake-data")
+
+
 def config(seeds=(0, 1, 2)):
     return TrainConfig(projection="fastfood", seeds=tuple(seeds), epochs=1)
 
@@ -97,7 +102,7 @@ def config(seeds=(0, 1, 2)):
 def search(out, seeds=(0, 1, 2), **kw):
     kw.setdefault("n_bootstrap", 200)
     kw.setdefault("write", False)  # id.json and id.png: only where a test reads them
-    return search_intrinsic_dim(config(seeds), out, data=object(), **kw)
+    return search_intrinsic_dim(config(seeds), out, data=FAKE_DATA, **kw)
 
 
 def true_crossing(seeds, target, value=fake_acc, lower=False):

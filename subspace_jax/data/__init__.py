@@ -17,7 +17,7 @@ from subspace_jax.data._splits import (
     standardize,
 )
 from subspace_jax.data._tfds import load_tfds
-from subspace_jax.data._types import DataError, Dataset, RawData
+from subspace_jax.data._types import DataError, Dataset, RawData, data_fingerprint
 
 __all__ = [
     "DATASETS",
@@ -25,6 +25,7 @@ __all__ = [
     "Dataset",
     "RawData",
     "channel_stats",
+    "data_fingerprint",
     "iterate_batches",
     "load_cifar10",
     "load_dataset",

@@ -25,6 +25,7 @@ from subspace_jax.data._types import DataError, RawData
 _SIDE = 32
 _PIXELS = 3 * _SIDE * _SIDE  # 3072
 _RECORD = 1 + _PIXELS  # 3073
+_BATCH = 10_000  # images in each batch of the real dataset
 _TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST = "test_batch"
 _BIN_DIR = "cifar-10-batches-bin"
@@ -115,6 +116,21 @@ def _read_pickle(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return _images_from_planes(data), labels.astype(np.uint8)
 
 
+def _check_batch_sizes(folder: Path, names: list[str], counts: list[int]) -> None:
+    """Every batch holds the same number of images (10,000 in the real dataset).
+
+    A file cut at a record boundary is still a whole number of records; it shows up as a
+    batch with fewer images than the others.
+    """
+    full = max(counts)
+    for name, n in zip(names, counts, strict=True):
+        if n < full:
+            raise DataError(
+                f"{folder / name}: {n} images, but the other batches hold {full} (every "
+                f"CIFAR-10 batch holds {_BATCH} images): truncated file?"
+            )
+
+
 def _locate(data_dir: Path) -> tuple[Path, str]:
     """The batches folder and its layout (``"bin"`` or ``"py"``)."""
     for folder in (data_dir, data_dir / _BIN_DIR, data_dir / _PY_DIR):
@@ -144,7 +160,8 @@ def load_cifar10(data_dir: str | os.PathLike) -> RawData:
 
     Raises:
       DataError: the folder or a batch is missing, a binary batch is not a multiple of 3073
-        bytes, a pickle is not a CIFAR batch, or a label is outside 0..9.
+        bytes, a batch holds fewer images than the others (a file cut at a record
+        boundary), a pickle is not a CIFAR batch, or a label is outside 0..9.
 
     Example:
       >>> raw = load_cifar10("../shared/data/cifar10")  # doctest: +SKIP
@@ -162,8 +179,9 @@ def load_cifar10(data_dir: str | os.PathLike) -> RawData:
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
         raise DataError(f"{folder}: missing {', '.join(missing)}; expected {', '.join(names)}")
-    train = [read(folder / n) for n in names[:-1]]
-    x_test, y_test = read(folder / names[-1])
+    batches = [read(folder / n) for n in names]
+    _check_batch_sizes(folder, names, [len(y) for _, y in batches])
+    train, (x_test, y_test) = batches[:-1], batches[-1]
     x_train = np.concatenate([x for x, _ in train])
     y_train = np.concatenate([y for _, y in train])
     return RawData(x_train, y_train, x_test, y_test, source=str(folder))

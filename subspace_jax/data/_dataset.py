@@ -26,7 +26,7 @@ from subspace_jax.data._embedded import load_embedded_digits
 from subspace_jax.data._idx import MNIST_FILES, load_mnist
 from subspace_jax.data._splits import channel_stats, resize, split_validation, standardize
 from subspace_jax.data._tfds import load_tfds, tfds_available
-from subspace_jax.data._types import DataError, Dataset, RawData
+from subspace_jax.data._types import DataError, Dataset, RawData, data_fingerprint
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "cifar10")
 SOURCES = ("auto", "embedded", "files", "tfds")
@@ -168,7 +168,7 @@ def load_dataset(
         std = np.where(std > 0, std, 1.0)
     else:
         mean, std = np.zeros(channels), np.ones(channels)
-    return Dataset(
+    data = Dataset(
         x_train=standardize(x_train, mean, std),
         y_train=y_train.astype(np.int32),
         x_val=standardize(x_val, mean, std),
@@ -181,3 +181,4 @@ def load_dataset(
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
     )
+    return data._replace(fingerprint=data_fingerprint(data))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import NamedTuple
 
 import numpy as np
@@ -50,6 +51,8 @@ class Dataset(NamedTuple):
         (zeros when not normalised).
       std: ``float32[C]`` per-channel standard deviation divided out (ones when not
         normalised).
+      fingerprint: :func:`~subspace_jax.data.data_fingerprint` of the arrays, set by
+        ``load_dataset`` (None: computed on demand).
     """
 
     x_train: np.ndarray
@@ -63,3 +66,30 @@ class Dataset(NamedTuple):
     source: str
     mean: np.ndarray | None = None
     std: np.ndarray | None = None
+    fingerprint: str | None = None
+
+
+def data_fingerprint(data: Dataset) -> str:
+    """What identifies the data a run was trained on: the split sizes and a hash of the arrays.
+
+    ``"<train>+<val>+<test>:<16 hex digits>"``, the hex digits being the start of the sha256
+    over the shape, dtype and bytes of ``x_train, y_train, x_val, y_val, x_test, y_test`` (the
+    arrays as preprocessed: about 0.3 s for MNIST). The same data read from another folder has
+    the same fingerprint; any changed pixel, label or split size gives another.
+    ``data.fingerprint`` is returned when set (``load_dataset`` sets it).
+
+    Example:
+      >>> from subspace_jax.data import load_dataset
+      >>> data_fingerprint(load_dataset("digits"))[:15]
+      '3500+500+1000:'
+    """
+    if data.fingerprint is not None:
+        return data.fingerprint
+    h = hashlib.sha256()
+    arrays = (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test)
+    for a in arrays:
+        a = np.ascontiguousarray(a)
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        if a.size:
+            h.update(memoryview(a.reshape(-1)).cast("B"))
+    return f"{len(data.y_train)}+{len(data.y_val)}+{len(data.y_test)}:{h.hexdigest()[:16]}"

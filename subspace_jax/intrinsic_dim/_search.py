@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from subspace_jax import _results
+from subspace_jax.data import data_fingerprint
 from subspace_jax.intrinsic_dim._sweep import (
     RUNS_FILE,
     config_key,
@@ -264,7 +265,8 @@ def search_intrinsic_dim(
       ci_extend: after the bisection, evaluate up to this many more d values on each side
         (doubling above the largest evaluated d, halving below the smallest) while the
         bootstrap interval reaches past the evaluated range; 0 disables.
-      data: a loaded dataset (loaded once, lazily, when a run must be trained).
+      data: a loaded dataset (loaded once when None: its fingerprint is part of the key
+        that decides which runs in ``runs.jsonl`` are reused).
       evaluate: ``(dims, seeds) -> records`` with one record per (d, seed) holding ``dim``,
         ``seed``, ``num_params`` and the metric fields; default :func:`run_dims`.
       progress: called with training events and ``{"event": "message", "text": ...}``.
@@ -296,21 +298,22 @@ def search_intrinsic_dim(
         if progress is not None:
             progress({"event": "message", "text": text})
 
-    # (dim, seed) pairs already trained for this configuration: reused, not counted as new.
-    key = config_key(base)
-    known = {
-        (int(r["dim"]), int(r["seed"]))
-        for r in _results.read_jsonl(out_dir / RUNS_FILE)
-        if r.get("config_key") == key
-    }
+    # (dim, seed) pairs already trained for this configuration and data: reused, not counted
+    # as new. The key holds the data's fingerprint, so the data is loaded first.
+    known: set[tuple[int, int]] = set()
     if evaluate is None:
-        cache = {"data": data}
+        if data is None:
+            data = load_data(base)
+        key = config_key(base, data=data_fingerprint(data))
+        for r in _results.read_jsonl(out_dir / RUNS_FILE):
+            try:
+                if r.get("config_key") == key:
+                    known.add((int(r["dim"]), int(r["seed"])))
+            except (KeyError, TypeError, ValueError):
+                continue
 
         def evaluate(dims, seeds_):
-            need = any((int(d), int(s)) not in known for d in dims for s in seeds_)
-            if need and cache["data"] is None:
-                cache["data"] = load_data(base)
-            return run_dims(base, dims, seeds_, out_dir, data=cache["data"], progress=progress)
+            return run_dims(base, dims, seeds_, out_dir, data=data, progress=progress)
 
     evaluated: dict[int, list[dict]] = {}
     path: list[dict] = []

@@ -2,7 +2,8 @@
 
 Every finished run is appended at once to ``runs.jsonl`` in the output folder, one record per
 seed, so an interrupted sweep keeps what it finished, and a rerun reuses every record whose
-configuration matches (same model, data, projection, optimiser settings, d and seed).
+configuration matches (same model, projection, optimiser settings and every other config
+field, the same data by the fingerprint of its contents, d and seed).
 """
 
 from __future__ import annotations
@@ -17,25 +18,53 @@ from pathlib import Path
 import numpy as np
 
 from subspace_jax import _results
+from subspace_jax.data import data_fingerprint
 from subspace_jax.projections import LR_RULE
 from subspace_jax.train import TrainConfig, load_data, train_and_evaluate
 
 RUNS_FILE = "runs.jsonl"
 
 
-def config_key(config: TrainConfig) -> str:
-    """A stable hash of everything that defines a run except its dimension and seeds."""
+def config_key(config: TrainConfig, *, data: str) -> str:
+    """A stable hash of everything that defines a run except its dimension and seeds.
+
+    Args:
+      config: the run's configuration; every field enters the key except ``dim`` and
+        ``seeds`` (stored beside it) and ``data_dir`` (the same data read from another folder
+        may be reused); a ``theta0_path`` enters with a hash of the file's bytes.
+      data: the fingerprint of the data actually loaded
+        (:func:`~subspace_jax.data.data_fingerprint`), so other data under the same name
+        never reuses a run.
+
+    Returns:
+      12 hex digits.
+    """
     d = config.to_dict()
     for k in ("seeds", "dim", "data_dir"):
         d.pop(k, None)
     if config.lr is None:  # the default learning rate follows a rule: a new rule retrains
         d["lr_rule"] = LR_RULE
+    if config.theta0_path is not None:
+        d["theta0_sha256"] = _file_sha256(config.theta0_path)
+    d["data_fingerprint"] = str(data)
     return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def _file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def seed_records(result: dict, config: TrainConfig) -> list[dict]:
-    """Split a (possibly multi-seed) training result into one record per seed."""
-    key = config_key(config)
+    """Split a (possibly multi-seed) training result into one record per seed.
+
+    ``result["data_fingerprint"]`` (set by ``train_and_evaluate``) enters the record's
+    ``config_key`` and is stored as ``data_fingerprint``.
+    """
+    key = config_key(config, data=result["data_fingerprint"])
     out = []
     for i, s in enumerate(result["per_seed"]):
         out.append(
@@ -59,6 +88,7 @@ def seed_records(result: dict, config: TrainConfig) -> list[dict]:
                 "wall_time_s": result["wall_time_s"],
                 "learning_rate": result["learning_rate"],
                 "epochs": config.epochs,
+                "data_fingerprint": result["data_fingerprint"],
             }
         )
     return out
@@ -77,29 +107,36 @@ def run_dims(
     """Train every ``d`` in ``dims`` (0 = direct) for every seed, reusing finished records.
 
     Seeds of one d that still need training are trained together (vmapped). Each d's records
-    are appended to ``out_dir/runs.jsonl`` as soon as it finishes.
+    are appended to ``out_dir/runs.jsonl`` as soon as it finishes. A record is reused when its
+    ``config_key`` (the configuration and the data's fingerprint) and its d and seed match;
+    the data is loaded (when ``data`` is None) to compute that fingerprint.
 
     Returns:
       All matching records (reused and new) for the requested dims and seeds.
     """
     out_dir = Path(out_dir)
     runs_path = out_dir / RUNS_FILE
+    if data is None:
+        data = load_data(base)  # the data's fingerprint is part of every run's key
+    fingerprint = data_fingerprint(data)
     have: dict[tuple[str, int, int], dict] = {}
     if reuse:
         for rec in _results.read_jsonl(runs_path):
-            have[(rec.get("config_key"), int(rec["dim"]), int(rec["seed"]))] = rec
+            try:
+                have[(rec["config_key"], int(rec["dim"]), int(rec["seed"]))] = rec
+            except (KeyError, TypeError, ValueError):
+                continue  # not a run record of ours
     records = []
     for dim in dims:
         cfg = dataclasses.replace(base, dim=int(dim))
-        key = config_key(cfg)
+        key = config_key(cfg, data=fingerprint)
         todo = [s for s in seeds if (key, int(dim), int(s)) not in have]
         if todo:
-            if data is None:
-                data = load_data(base)
             if progress is not None:
                 progress({"event": "run_start", "dim": int(dim), "seeds": list(todo)})
             cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in todo))
             result = train_and_evaluate(cfg, data, progress=progress)
+            result.setdefault("data_fingerprint", fingerprint)
             for rec in seed_records(result, cfg):
                 _results.append_jsonl(runs_path, rec)
                 have[(key, int(dim), int(rec["seed"]))] = rec

@@ -21,7 +21,13 @@ import optax
 
 from subspace_jax._checkpoint import load_params
 from subspace_jax._subspace import Layout, Subspace, init_from_layout, init_trainable, make_layout
-from subspace_jax.data import Dataset, iterate_batches, load_dataset, num_batches
+from subspace_jax.data import (
+    Dataset,
+    data_fingerprint,
+    iterate_batches,
+    load_dataset,
+    num_batches,
+)
 from subspace_jax.models import build_model
 from subspace_jax.projections import get_projection, lr_dim_factor
 from subspace_jax.train._kinds import (
@@ -46,6 +52,8 @@ LOTTERY = "lottery"
 LOTTERY_APPLY = "orthogonal"
 
 Progress = Callable[[dict], None]
+#: Largest seed: ``jax.random.key`` keeps 32 bits of it (2**32 would give the key of seed 0).
+MAX_SEED = 2**32 - 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,12 +145,29 @@ def validate_config(config: TrainConfig) -> None:
     for name, v, lo in (("epochs", config.epochs, 1), ("batch_size", config.batch_size, 1)):
         if isinstance(v, bool) or not isinstance(v, int) or v < lo:
             raise ValueError(f"{name} must be an integer >= {lo}, got {v!r}")
+    if config.val_size is not None and (
+        isinstance(config.val_size, bool) or not isinstance(config.val_size, int)
+    ):
+        raise ValueError(f"val_size must be an integer or None, got {config.val_size!r}")
+    if config.val_size is not None and config.val_size < 1:
+        raise ValueError(
+            f"val_size must be >= 1 (the validation accuracy is the reported metric), "
+            f"got {config.val_size}"
+        )
     if config.max_steps is not None and config.max_steps < 1:
         raise ValueError(f"max_steps must be >= 1, got {config.max_steps}")
     if isinstance(config.dim, bool) or not isinstance(config.dim, int) or config.dim < 0:
         raise ValueError(f"dim must be an integer >= 0 (0 = direct training), got {config.dim!r}")
     if not config.seeds:
         raise ValueError("at least one seed is needed")
+    for seed in config.seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(
+                f"seed {seed!r} is not a PRNG seed: seeds must be integers in 0..{MAX_SEED}"
+            )
+    ds = config.data_seed
+    if isinstance(ds, bool) or not isinstance(ds, int) or not 0 <= ds <= MAX_SEED:
+        raise ValueError(f"data_seed must be an integer in 0..{MAX_SEED}, got {ds!r}")
     if len(set(config.seeds)) != len(config.seeds):
         raise ValueError(f"seeds must be distinct, got {list(config.seeds)}")
     if config.projection != LOTTERY:
@@ -165,6 +190,27 @@ def validate_config(config: TrainConfig) -> None:
         raise ValueError(
             "burn_in_steps and projection='lottery' cannot be combined: the lottery subspace "
             "starts at the initialisation its trajectory started from"
+        )
+
+
+def check_data_fits(config: TrainConfig, data: Dataset) -> None:
+    """Reject a config the loaded data cannot serve: a batch larger than the training split,
+    or an empty validation split (the validation accuracy is what every command reports).
+
+    Raises:
+      ValueError: naming the sizes.
+    """
+    n_train, n_val = len(data.y_train), len(data.y_val)
+    if config.batch_size > n_train:
+        raise ValueError(
+            f"batch size {config.batch_size} is larger than the training split "
+            f"({n_train} examples of {data.name} after carving {n_val} for validation): "
+            f"use a batch size <= {n_train}"
+        )
+    if n_val == 0:
+        raise ValueError(
+            f"the validation split of {data.name} is empty: the validation accuracy is the "
+            "reported metric, so at least 1 validation example is needed (--val-size >= 1)"
         )
 
 
@@ -327,6 +373,7 @@ def train_and_evaluate(
         )
         config_layout(config, jax.eval_shape(expected.init, jax.random.key(0)))
         data = load_data(config)
+    check_data_fits(config, data)
     data_shape = tuple(int(s) for s in data.x_train.shape[1:])
     model = build_model(config.model, data_shape, data.num_classes, **dict(config.model_overrides))
     if theta0_fn is None and config.theta0_path is not None:
@@ -452,6 +499,7 @@ def train_and_evaluate(
         "per_seed": per_seed,
         "history": history,
         "data_source": data.source,
+        "data_fingerprint": data_fingerprint(data),
         "config": config.to_dict(),
         "backend": jax.default_backend(),
     }
