@@ -7,13 +7,24 @@ traceback), prints progress to stderr, and writes its results to files as it goe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+#: Exit status when the work is done but a result file could not be written where asked
+#: (it went to a fallback file, whose path is printed).
+EXIT_WRITE_FAILED = 1
+#: Most values a comma-separated list or range (``--seeds``, ``--dims``) may hold.
+MAX_LIST = 10_000
+#: Most bootstrap resamples ``id`` draws (memory grows with resamples x seeds).
+MAX_BOOTSTRAP = 1_000_000
+#: Largest seed (``jax.random.key`` keeps 32 bits: 2**32 would be the key of seed 0).
+MAX_SEED = 2**32 - 1
 
 
 class CLIError(ValueError):
@@ -24,8 +35,10 @@ class CLIError(ValueError):
 
 
 def parse_int_list(text: str, what: str = "value") -> list[int]:
-    """Parse ``"0,1,2"`` or ranges ``"0-4"`` (inclusive) into a list of ints."""
+    """Parse ``"0,1,2"`` or ranges ``"0-4"`` (inclusive) into a list of at most ``MAX_LIST``
+    ints."""
     out: list[int] = []
+    too_many = CLIError(f"{what} {text!r} lists more than {MAX_LIST} values; give fewer")
     for part in str(text).split(","):
         part = part.strip()
         if not part:
@@ -36,13 +49,16 @@ def parse_int_list(text: str, what: str = "value") -> list[int]:
                 lo_i, hi_i = int(lo), int(hi)
                 if hi_i < lo_i:
                     raise ValueError
-                out.extend(range(lo_i, hi_i + 1))
+                values = range(lo_i, hi_i + 1)
             else:
-                out.append(int(part))
+                values = range(int(part), int(part) + 1)
         except ValueError:
             raise CLIError(
                 f"cannot parse {what} {text!r}: expected integers like '0,1,2' or a range '0-4'"
             ) from None
+        if len(out) + len(values) > MAX_LIST:
+            raise too_many
+        out.extend(values)
     if not out:
         raise CLIError(f"no {what} given in {text!r}")
     return out
@@ -52,6 +68,9 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     seeds = parse_int_list(text, "seeds")
     if any(s < 0 for s in seeds):
         raise CLIError(f"seeds must be >= 0, got {text!r}")
+    big = [s for s in seeds if s > MAX_SEED]
+    if big:
+        raise CLIError(f"seed {big[0]} is too big for a PRNG seed: seeds must be in 0..{MAX_SEED}")
     if len(set(seeds)) != len(seeds):
         raise CLIError(f"seeds must be distinct, got {text!r}")
     return tuple(seeds)
@@ -98,6 +117,35 @@ def _int_at_least(lo: int):
 
 _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
+
+
+def _fraction(text: str) -> float:
+    """An argparse type: a number in ``(0, 1]``."""
+    v = _finite_float(text)
+    if not 0 < v <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
+    return v
+
+
+def _int_in(lo: int, hi: int):
+    """An argparse type: an integer in ``lo..hi``."""
+    at_least = _int_at_least(lo)
+
+    def parse(text: str) -> int:
+        v = at_least(text)
+        if v > hi:
+            raise argparse.ArgumentTypeError(f"must be <= {hi}, got {text!r}")
+        return v
+
+    return parse
+
+
+def _seed_int(text: str) -> int:
+    """An argparse type: a PRNG seed, an integer in ``0..MAX_SEED``."""
+    v = _nonneg_int(text)
+    if v > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"too big for a PRNG seed (max {MAX_SEED}), got {text!r}")
+    return v
 
 
 def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
@@ -160,7 +208,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
     )
     p.add_argument(
         "--data-seed",
-        type=_nonneg_int,
+        type=_seed_int,
         default=0,
         help="seed of the batch order and the validation split",
     )
@@ -228,6 +276,126 @@ def _num_params(args) -> int:
     return build_model(args.model, shape, 10, **overrides).num_params
 
 
+# ------------------------------------------------------------------------------ outputs
+#
+# Every output path is checked before any data is read or anything trains. Files named by a
+# flag (--json, --png, --save-compressed) must not be folders and their folder must exist and
+# be writable; an existing file is replaced (atomically), as these are the command's results.
+# Folders (--out) are created, with their parents, when missing; the files the command writes
+# inside them (result.json, runs.jsonl, sweep.json, id.json, the plots) are replaced or, for
+# runs.jsonl, appended to. No output may be one of the command's input files.
+
+
+def _writable_dir(flag: str, path: str, folder: Path) -> None:
+    if not folder.is_dir():
+        what = "is not a folder" if folder.exists() else "does not exist"
+        raise CLIError(f"{flag} {path!r}: the folder {str(folder)!r} {what}")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise CLIError(f"{flag} {path!r}: the folder {str(folder)!r} is not writable")
+
+
+def check_output_file(flag: str, path: str) -> Path:
+    """An output file: not a folder, in an existing writable folder (an existing file is
+    replaced)."""
+    p = Path(path)
+    if p.is_dir():
+        raise CLIError(f"{flag} {path!r} is a folder; expected a file name")
+    _writable_dir(flag, path, p.parent)
+    if p.exists() and not p.is_file():
+        raise CLIError(f"{flag} {path!r} exists and is not a regular file")
+    return p
+
+
+def check_output_dir(flag: str, path: str, files: Sequence[str] = ()) -> Path:
+    """An output folder (created later if missing) and the ``files`` written inside it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise CLIError(f"{flag} {path!r} is a file; expected a folder (created if missing)")
+    existing = p
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise CLIError(f"{flag} {path!r}: {str(existing)!r} is a file, so it cannot hold a folder")
+    _writable_dir(flag, path, existing)
+    for name in files:
+        inner = p / name
+        if inner.is_dir():
+            raise CLIError(f"{flag} {path!r}: {str(inner)!r} is a folder; expected a file there")
+    return p
+
+
+def check_outputs(
+    files: dict[str, str | None],
+    dirs: dict[str, tuple[str | None, Sequence[str]]] | None = None,
+    inputs: Sequence[str | None] = (),
+) -> None:
+    """Check every output path of a command before it reads data or trains.
+
+    Args:
+      files: ``{flag: path or None}`` of output files.
+      dirs: ``{flag: (path or None, names of the files written inside)}`` of output folders.
+      inputs: input files the outputs must not overwrite.
+
+    Raises:
+      CLIError: naming the flag, the path and what is wrong.
+    """
+    outs: list[tuple[str, Path]] = []
+    for flag, path in files.items():
+        if path is not None:
+            outs.append((flag, check_output_file(flag, path)))
+    for flag, (path, names) in (dirs or {}).items():
+        if path is not None:
+            folder = check_output_dir(flag, path, names)
+            outs.extend((flag, folder / name) for name in names)
+    ins = {Path(i).resolve() for i in inputs if i is not None}
+    seen: dict[Path, str] = {}
+    for flag, out in outs:
+        where = out.resolve()
+        if where in ins:
+            raise CLIError(f"{flag}: {str(out)!r} is one of the command's input files")
+        if where in seen and seen[where] != flag:
+            raise CLIError(f"{seen[where]} and {flag} both write {str(out)!r}")
+        seen[where] = flag
+
+
+def _fallback_path(name: str) -> Path:
+    """A fresh file in the current folder (or the temporary folder) for a result that could
+    not be written where asked."""
+    import tempfile
+
+    stem, suffix = Path(name).stem or "result", Path(name).suffix
+    tag = f"subspace-jax-{stem}-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}{suffix}"
+    for folder in (Path.cwd(), Path(tempfile.gettempdir())):
+        if folder.is_dir() and os.access(folder, os.W_OK | os.X_OK):
+            return folder / tag
+    return Path(tempfile.gettempdir()) / tag
+
+
+def write_or_fallback(path, write) -> bool:
+    """``write(path)``; if that fails with an OSError, ``write(fallback)`` and say where.
+
+    Returns:
+      True when the file was written where asked.
+    """
+    try:
+        write(Path(path))
+        return True
+    except OSError as e:
+        fallback = _fallback_path(Path(path).name)
+        write(fallback)
+        print(
+            f"error: cannot write {path} ({e.strerror or e}); the result was saved to {fallback}",
+            file=sys.stderr,
+        )
+        return False
+
+
+def _json_writer(obj):
+    from subspace_jax import _results
+
+    return lambda path: _results.write_json(path, obj)
+
+
 # ------------------------------------------------------------------------------ progress
 
 
@@ -283,9 +451,13 @@ class ProgressPrinter:
 
 
 def cmd_train(args) -> int:
-    from subspace_jax import _results
     from subspace_jax.train import train_and_evaluate
 
+    check_outputs(
+        {"--json": args.json, "--save-compressed": args.save_compressed},
+        {"--out": (args.out, ["result.json"])},
+        inputs=[args.theta0],
+    )
     config = _subspace_kind_config(args, config_from_args(args))
     progress = ProgressPrinter(quiet=args.quiet)
     what = f"d = {config.dim} ({config.projection})" if config.dim else "direct"
@@ -293,16 +465,18 @@ def cmd_train(args) -> int:
         f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
         file=sys.stderr,
     )
+    written = True
     if args.save_compressed:
         result, trained = train_and_evaluate(config, progress=progress, return_state=True)
-        _save_compressed(args.save_compressed, result, trained)
+        written &= write_or_fallback(
+            args.save_compressed, lambda path: _save_compressed(path, result, trained)
+        )
     else:
         result = train_and_evaluate(config, progress=progress)
-    out = Path(args.out) if args.out else None
-    if out is not None:
-        _results.write_json(out / "result.json", result)
+    if args.out:
+        written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
-        _results.write_json(args.json, result)
+        written &= write_or_fallback(args.json, _json_writer(result))
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
         f"val acc {result['val_accuracy']:.4f} (best {result['best_val_accuracy']:.4f})  "
@@ -310,23 +484,44 @@ def cmd_train(args) -> int:
         f"peak mem {result['peak_memory_bytes'] / 2**20:.0f} MiB  "
         f"wall {result['wall_time_s']:.1f}s"
     )
-    return 0
+    return 0 if written else EXIT_WRITE_FAILED
+
+
+def _lock_out(stack: contextlib.ExitStack, args) -> None:
+    """Hold the lock on ``--out`` for the rest of the command, and repair a torn
+    ``runs.jsonl`` (an interrupted append) under it."""
+    from subspace_jax import _results
+    from subspace_jax._lock import FolderLocked, lock_folder
+    from subspace_jax.intrinsic_dim import RUNS_FILE
+
+    def waiting(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    try:
+        stack.enter_context(lock_folder(args.out, wait=args.wait, on_wait=waiting))
+    except FolderLocked as e:
+        raise CLIError(str(e)) from None
+    _results.repair_jsonl(Path(args.out) / RUNS_FILE)
 
 
 def cmd_sweep(args) -> int:
-    from subspace_jax import _results
-    from subspace_jax.intrinsic_dim import run_sweep
+    from subspace_jax.intrinsic_dim import RUNS_FILE, run_sweep
 
     dims = parse_dims(args.dims)
-    config = config_from_args(args, dim=0)
+    check_outputs(
+        {"--json": args.json}, {"--out": (args.out, [RUNS_FILE, "sweep.json", "sweep.png"])}
+    )
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by sweep: name one projection")
+    config = config_from_args(args, dim=0)
     out = Path(args.out)
     progress = ProgressPrinter(quiet=args.quiet)
-    result = run_sweep(config, dims, out, fraction=args.fraction, progress=progress)
-    _results.write_json(out / "sweep.json", result)
+    with contextlib.ExitStack() as stack:
+        _lock_out(stack, args)
+        result = run_sweep(config, dims, out, fraction=args.fraction, progress=progress)
+        written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
-        _results.write_json(args.json, result)
+        written &= write_or_fallback(args.json, _json_writer(result))
     d_int = result["d_int90"]
     print(
         f"baseline val acc {result['baseline']['val_accuracy']:.4f}; "
@@ -334,13 +529,13 @@ def cmd_sweep(args) -> int:
         f"{'not reached on this grid' if d_int is None else f'{d_int:.0f}'}"
     )
     print(f"results: {out / 'sweep.json'}  plot: {result['plot']}")
-    return 0
+    return 0 if written else EXIT_WRITE_FAILED
 
 
 def cmd_id(args) -> int:
-    from subspace_jax import _results
-    from subspace_jax.intrinsic_dim import search_intrinsic_dim
+    from subspace_jax.intrinsic_dim import ID_JSON, ID_PLOT, RUNS_FILE, search_intrinsic_dim
 
+    check_outputs({"--json": args.json}, {"--out": (args.out, [RUNS_FILE, ID_JSON, ID_PLOT])})
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by id: name one projection")
     if args.baseline == "own":
@@ -358,21 +553,24 @@ def cmd_id(args) -> int:
         f"({config.projection} projection, seeds {list(config.seeds)})",
         file=sys.stderr,
     )
-    result = search_intrinsic_dim(
-        config,
-        out,
-        fraction=args.fraction,
-        baseline=baseline,
-        metric=args.metric,
-        which=args.which,
-        precision=args.precision,
-        d_start=args.d_start,
-        d_max=args.d_max,
-        n_bootstrap=args.bootstrap,
-        progress=progress,
-    )
+    with contextlib.ExitStack() as stack:
+        _lock_out(stack, args)
+        result = search_intrinsic_dim(
+            config,
+            out,
+            fraction=args.fraction,
+            baseline=baseline,
+            metric=args.metric,
+            which=args.which,
+            precision=args.precision,
+            d_start=args.d_start,
+            d_max=args.d_max,
+            n_bootstrap=args.bootstrap,
+            progress=progress,
+        )
+    written = True
     if args.json:
-        _results.write_json(args.json, result)
+        written = write_or_fallback(args.json, _json_writer(result))
     base = result["baseline"]
     metric = f"{args.metric.replace('_', ' ')} ({args.which})"
     print(
@@ -398,7 +596,7 @@ def cmd_id(args) -> int:
     for note in result["notes"]:
         print(f"note: {note}")
     print(f"results: {out / 'id.json'}  plot: {result['plot']}")
-    return 0
+    return 0 if written else EXIT_WRITE_FAILED
 
 
 def _add_kind_args(p: argparse.ArgumentParser) -> None:
@@ -483,14 +681,15 @@ def _save_compressed(path, result, trained) -> None:
 
 
 def cmd_evaluate(args) -> int:
-    from subspace_jax import _results
     from subspace_jax.compress import evaluate_compressed
 
+    check_outputs({"--json": args.json}, inputs=[args.compressed])
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise CLIError(f"--data-dir {args.data_dir!r} is not a directory")
     result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    written = True
     if args.json:
-        _results.write_json(args.json, result)
+        written = write_or_fallback(args.json, _json_writer(result))
     if not result["params_match"]:
         print(
             "warning: the rebuilt parameters differ from the saved ones (another platform or "
@@ -502,7 +701,7 @@ def cmd_evaluate(args) -> int:
         f"test acc {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
         f"({result['dataset']}, {result['num_test']} examples)"
     )
-    return 0
+    return 0 if written else EXIT_WRITE_FAILED
 
 
 def cmd_bench(args) -> int:
@@ -512,6 +711,7 @@ def cmd_bench(args) -> int:
     from subspace_jax.models import model_names
     from subspace_jax.projections import get_projection
 
+    check_outputs({"--json": args.json, "--png": args.png})
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
     if args.dataset not in DATASETS:
@@ -540,6 +740,8 @@ def cmd_bench(args) -> int:
                 raise CLIError(
                     f"cannot parse --dim-caps {args.dim_caps!r}: expected 'name=d,name=d'"
                 ) from None
+            if int(cap) < 1:
+                raise CLIError(f"--dim-caps {args.dim_caps!r}: a cap must be >= 1, got {cap}")
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     overrides = {"width": args.width} if args.width is not None else {}
     done: list[dict] = []
@@ -589,8 +791,9 @@ def cmd_bench(args) -> int:
         accuracy_steps=args.accuracy_steps,
         model_overrides=overrides,
     )
+    written = True
     if args.json:
-        _results.write_json(args.json, records)
+        written = write_or_fallback(args.json, _json_writer(records))
     if args.png:
         for path in plot_benchmark(records, args.png):
             print(f"plot: {path}", file=sys.stderr)
@@ -599,7 +802,7 @@ def cmd_bench(args) -> int:
         f"{len(ran)} of {len(records)} cells measured"
         + (f"; results: {args.json}" if args.json else "")
     )
-    return 0
+    return 0 if written else EXIT_WRITE_FAILED
 
 
 def cmd_projections(args) -> int:
@@ -614,7 +817,7 @@ def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
     """``--fraction``, ``--out`` and ``--json`` of the commands that find d_int."""
     p.add_argument(
         "--fraction",
-        type=_positive_float,
+        type=_fraction,
         default=0.9,
         help="threshold as a fraction of the baseline (default 0.9: d_int90)",
     )
@@ -622,6 +825,11 @@ def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
         "--out", default=f"results/{name}", help=f"folder for runs.jsonl, {name}.json and the PNG"
     )
     p.add_argument("--json", default=None, help=f"also write the {name} JSON to this file")
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help="if another process holds OUT (its lock), wait for it instead of stopping",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -694,7 +902,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--d-max", type=_positive_int, default=None, help="largest d tried (default: D)")
     p.add_argument(
         "--bootstrap",
-        type=_nonneg_int,
+        type=_int_in(0, MAX_BOOTSTRAP),
         default=1000,
         help="bootstrap resamples of the seeds for the 95%% interval (0: none)",
     )
@@ -722,7 +930,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=_positive_int, default=10, help="timed steps per measurement")
     p.add_argument("--warmup", type=_positive_int, default=2, help="untimed steps first")
     p.add_argument("--batch-size", type=_positive_int, default=128)
-    p.add_argument("--seed", type=_nonneg_int, default=0)
+    p.add_argument("--seed", type=_seed_int, default=0)
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
     p.add_argument(
         "--memory-budget-gb",
