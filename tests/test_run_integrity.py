@@ -120,6 +120,7 @@ def _replace_folder_by_file_after_training(monkeypatch, folder: Path):
     monkeypatch.setattr(train_pkg, "train_and_evaluate", train_then_break)
 
 
+@pytest.mark.slow
 def test_a_write_that_fails_after_training_goes_to_a_fallback_file(tmp_path, capsys, monkeypatch):
     from subspace_jax.compress import load_compressed
 
