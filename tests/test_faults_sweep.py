@@ -27,7 +27,8 @@ COMMON = ["--quiet", "--model", "mlp_small", "--width", "8", "--epochs", "1"]
 COMMON += ["--max-steps", "5", "--batch-size", "64", "--seeds", "0"]
 SWEEP = ["sweep", *COMMON, "--dims", "2,4,8", "--projection", "dense"]
 ID = ["id", *COMMON, "--projection", "dense", "--d-start", "4", "--d-max", "16"]
-ID += ["--precision", "0.5", "--bootstrap", "0"]
+# A fixed baseline the 5-step runs straddle (d_int80 = 13 on CPU): bracketing and bisection.
+ID += ["--precision", "0.5", "--bootstrap", "0", "--baseline", "0.1", "--fraction", "0.8"]
 #: Fields that measure the machine, not the result.
 TIMING = {"wall_time_s", "step_time_ms", "peak_memory_bytes", "plot"}
 TRIALS = 3
