@@ -134,24 +134,46 @@ class Subspace:
 
 
 def allocate_dims(sizes: list[int], dim: int) -> list[int]:
-    """Split ``dim`` over groups in proportion to their sizes, each at least 1 (largest remainder).
+    """Split ``dim`` over groups in proportion to their sizes: ``1 <= d_i <= sizes[i]``.
+
+    Each group gets 1, then the remaining ``dim - n`` are shared in proportion to the sizes by
+    largest remainder. A group whose share would exceed its size is capped at its size and the
+    rest is shared among the others again (water-filling), so ``--per-layer`` works up to
+    ``dim = sum(sizes)``, where every group gets its full size.
 
     Raises:
-      ValueError: if ``dim`` is smaller than the number of groups.
+      ValueError: if ``dim`` is smaller than the number of groups or larger than their total.
     """
     n = len(sizes)
     if dim < n:
         raise ValueError(
             f"per-leaf subspace needs d >= number of projected leaves ({n}), got {dim}"
         )
-    total = sum(sizes)
+    if dim > sum(sizes):
+        raise ValueError(
+            f"per-leaf subspace needs d <= number of projected parameters ({sum(sizes)}), got {dim}"
+        )
+    alloc = [1] * n
+    active = list(range(n))
     spare = dim - n
-    raw = [spare * s / total for s in sizes]
-    alloc = [int(r) for r in raw]
-    order = sorted(range(n), key=lambda i: raw[i] - alloc[i], reverse=True)
-    for i in order[: spare - sum(alloc)]:
-        alloc[i] += 1
-    return [1 + a for a in alloc]
+    while spare > 0:
+        total = sum(sizes[i] for i in active)
+        raw = {i: spare * sizes[i] / total for i in active}
+        capped = [i for i in active if raw[i] >= sizes[i] - 1]
+        if capped:  # full groups: give them their size, share the rest among the others
+            for i in capped:
+                spare -= sizes[i] - alloc[i]
+                alloc[i] = sizes[i]
+            active = [i for i in active if i not in capped]
+            continue
+        extra = {i: int(raw[i]) for i in active}
+        order = sorted(active, key=lambda i: raw[i] - extra[i], reverse=True)
+        for i in order[: spare - sum(extra.values())]:
+            extra[i] += 1
+        for i in active:
+            alloc[i] += extra[i]
+        break
+    return alloc
 
 
 def make_layout(
@@ -355,3 +377,53 @@ def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
     for j, i in enumerate(layout.direct_leaves):
         leaves[i] = direct[j]
     return jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
+
+
+class NonFiniteStateError(ValueError):
+    """A subspace's theta0 or projection state holds a NaN or an infinity."""
+
+
+def _finite_per_seed(tree: PyTree, batched: bool) -> jax.Array:
+    """All-finite flag of every inexact leaf of ``tree``: ``(N,)`` if ``batched``, else ``()``."""
+    flags = [
+        jnp.isfinite(x).reshape((x.shape[0], -1) if batched else (1, -1)).all(axis=1)
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
+    ]
+    if not flags:
+        return jnp.ones((), bool)
+    return jnp.stack(flags).all(axis=0)
+
+
+def check_finite(sub: Subspace, seeds=None) -> None:
+    """Raise :class:`NonFiniteStateError` if theta0 or a projection state is not finite.
+
+    A cheap guard (one pass over the arrays) for code that initialises subspaces outside
+    traced code, so a broken initialisation is an error naming the projection, the seed and
+    the sizes instead of a run whose loss is NaN from the first step.
+
+    Args:
+      sub: a :class:`Subspace`, or a batch of them (leading axis = seed) when ``seeds`` is
+        given.
+      seeds: the seeds of a batch, in order (their keys are ``jax.random.key(seed)``).
+    """
+    batched = seeds is not None
+    parts = [("theta0 (the model's initial parameters)", sub.theta0)] + [
+        (
+            f"the {g.projection!r} projection state of group {gi} (D = {g.size:,}, d = {g.dim:,})",
+            state,
+        )
+        for gi, (g, state) in enumerate(zip(sub.layout.groups, sub.proj_states, strict=True))
+    ]
+    for what, tree in parts:
+        ok = jax.device_get(_finite_per_seed(tree, batched)).reshape(-1)
+        if ok.all():
+            continue
+        who = ""
+        if batched:
+            bad = ", ".join(str(s) for s, good in zip(seeds, ok, strict=True) if not good)
+            who = f" for seed(s) {bad} (key jax.random.key(seed))"
+        raise NonFiniteStateError(
+            f"non-finite values in {what}{who}, model D = {sub.layout.num_params:,}, "
+            f"d = {sub.layout.dim:,}: the run would be NaN from the first step"
+        )

@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subspace_jax._checkpoint import load_params, save_params
-from subspace_jax._subspace import Layout, Subspace, init_from_layout, to_params
+from subspace_jax._subspace import Layout, Subspace, check_finite, init_from_layout, to_params
 from subspace_jax.models import from_config
 from subspace_jax.projections import get_projection
 from subspace_jax.train import (
@@ -185,6 +185,7 @@ def _regenerate(
     sub = jax.tree_util.tree_map(lambda x: x[0], sub)
     if proj_states is not None:
         sub = Subspace(theta0=sub.theta0, proj_states=tuple(proj_states), layout=layout)
+    check_finite(sub)
     return sub
 
 

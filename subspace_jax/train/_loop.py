@@ -20,7 +20,14 @@ import numpy as np
 import optax
 
 from subspace_jax._checkpoint import load_params
-from subspace_jax._subspace import Layout, Subspace, init_from_layout, init_trainable, make_layout
+from subspace_jax._subspace import (
+    Layout,
+    Subspace,
+    check_finite,
+    init_from_layout,
+    init_trainable,
+    make_layout,
+)
 from subspace_jax.data import Dataset, iterate_batches, load_dataset, num_batches
 from subspace_jax.models import build_model
 from subspace_jax.projections import get_projection, lr_dim_factor
@@ -362,6 +369,7 @@ def train_and_evaluate(
         )
     else:
         subs = init_runs(config, model, layout, keys)
+    check_finite(subs, seeds=config.seeds)
     trainables = jax.vmap(init_trainable)(subs)
     # Copy: directly trained leaves are donated to the step and must not alias theta0.
     trainables = jax.tree_util.tree_map(jnp.copy, trainables)
