@@ -113,7 +113,11 @@ def plot_accuracy_vs_dim(
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     dims = sorted({int(r["dim"]) for r in runs if int(r["dim"]) > 0})
     if dims:
-        per_dim = [[r[metric] for r in runs if int(r["dim"]) == dd] for dd in dims]
+        # A non-finite value (JSON null once stored) is drawn as a gap.
+        per_dim = [
+            [np.nan if r[metric] is None else r[metric] for r in runs if int(r["dim"]) == dd]
+            for dd in dims
+        ]
         for dd, vals in zip(dims, per_dim, strict=True):
             ax.scatter([dd] * len(vals), vals, s=12, color="tab:blue", alpha=0.5)
         ax.plot(

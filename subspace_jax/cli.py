@@ -315,7 +315,7 @@ def cmd_train(args) -> int:
 
 def cmd_sweep(args) -> int:
     from subspace_jax import _results
-    from subspace_jax.intrinsic_dim import run_sweep
+    from subspace_jax.intrinsic_dim import describe_estimate, run_sweep
 
     dims = parse_dims(args.dims)
     config = config_from_args(args, dim=0)
@@ -323,23 +323,32 @@ def cmd_sweep(args) -> int:
         raise CLIError("--projection auto is not supported by sweep: name one projection")
     out = Path(args.out)
     progress = ProgressPrinter(quiet=args.quiet)
-    result = run_sweep(config, dims, out, fraction=args.fraction, progress=progress)
+    result = run_sweep(
+        config, dims, out, fraction=args.fraction, metric=args.metric, progress=progress
+    )
     _results.write_json(out / "sweep.json", result)
     if args.json:
         _results.write_json(args.json, result)
     d_int = result["d_int90"]
+    if d_int is not None:
+        value = f"= {d_int:.0f}"
+    elif result["censored"]:
+        value = describe_estimate({**result, "d_int": None})
+    else:
+        value = "= not reached on this grid"
     print(
-        f"baseline val acc {result['baseline']['val_accuracy']:.4f}; "
-        f"d_int{round(args.fraction * 100)} = "
-        f"{'not reached on this grid' if d_int is None else f'{d_int:.0f}'}"
+        f"baseline {args.metric.replace('_', ' ')} {result['baseline']['value']:.4f}; "
+        f"d_int{round(args.fraction * 100)} {value}"
     )
+    for note in result["notes"]:
+        print(f"note: {note}")
     print(f"results: {out / 'sweep.json'}  plot: {result['plot']}")
     return 0
 
 
 def cmd_id(args) -> int:
     from subspace_jax import _results
-    from subspace_jax.intrinsic_dim import search_intrinsic_dim
+    from subspace_jax.intrinsic_dim import describe_estimate, search_intrinsic_dim
 
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by id: name one projection")
@@ -381,12 +390,14 @@ def cmd_id(args) -> int:
     )
     runs = result["num_training_runs"]
     label = result["label"]
-    if result["d_int"] is None:
+    if result["censored"]:
+        print(f"{label} {describe_estimate(result)}")
+    elif result["d_int"] is None:
         print(f"{label}: the target is not reached up to d = {result['d_max']}")
     else:
         lo, hi = result["ci_low"], result["ci_high"]
         ci = (
-            f"95% CI [{'?' if lo is None else f'{lo:.0f}'}, "
+            f"95% CI [{'unbounded' if lo is None else f'{lo:.0f}'}, "
             f"{'unbounded' if hi is None else f'{hi:.0f}'}]"
         )
         print(f"{label} = {result['d_int']:.0f}  {ci}")
@@ -656,17 +667,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_run_args(p, dim=False)
     p.add_argument("--dims", required=True, help="e.g. '100,200,400,800'")
+    p.add_argument(
+        "--metric",
+        default="val_accuracy",
+        choices=("val_accuracy", "val_loss"),
+        help="val_accuracy (reaches fraction x baseline) or val_loss (<= baseline / fraction)",
+    )
     _add_search_outputs(p, "sweep")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "id",
         parents=[common],
-        help="search d_int90 automatically (doubling + bisection, bootstrap interval)",
+        help="search d_int90 automatically (doubling + bisection, 95%% t-interval)",
         description=(
             "Find d_int (default d_int90) by training the direct baseline, doubling d from "
             "--d-start until the mean over seeds reaches the target, then bisecting in log d "
-            "to --precision; reports a bootstrap 95% interval over seeds and the success "
+            "to --precision; reports a 95% t-interval over seeds and the success "
             "probability of each d. Defaults for id: seeds 0,1,2 and the fastfood projection. "
             "Finished runs are kept in OUT/runs.jsonl and reused on a rerun."
         ),
@@ -696,7 +713,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap",
         type=_nonneg_int,
         default=1000,
-        help="bootstrap resamples of the seeds for the 95%% interval (0: none)",
+        help="bootstrap resamples for bootstrap_ci, kept for comparison beside the 95%% "
+        "t-interval (0: none)",
     )
     p.set_defaults(func=cmd_id)
 
