@@ -30,9 +30,12 @@ Files are written atomically (a temporary file beside the destination, fsync, re
 destination holds the old file or the complete new one, never a part. Loading checks, in this
 order, the file digest, the header's fields, that every stored array is finite, and the
 rebuilt parameters against ``params_sha256``; whatever fails is one
-:class:`CompressedModelError` naming the file. A parameter mismatch is only a warning when the
-platform recorded in the file (JAX and jaxlib versions, backend, device, CPU) or the PRNG
-settings differ from the current ones: then small numerical differences are expected.
+:class:`CompressedModelError` naming the file. Rebuilt parameters that are not bit-equal are
+measured against ``params_probe`` (random projections of the saved parameters, which estimate
+the relative distance ``||theta - theta_saved|| / ||theta_saved||``): rounding (at most
+:data:`PROBE_TOLERANCE`) is a warning, which names the platform fields that differ from the
+file's (JAX and jaxlib versions, backend, device, CPU, PRNG settings) if any; anything larger
+is another model, an error.
 
 Whether theta0 and P are reproducible is not taken on trust: :func:`save_compressed`
 regenerates them from the key exactly as :func:`load_compressed` will and compares them bit for
@@ -90,6 +93,13 @@ DIGEST_PREFIX = b"sha256:"
 _DIGEST_HEX = 64
 _EOCD = b"PK\x05\x06"  # the zip end-of-central-directory record: 22 bytes, then the comment
 _EOCD_SIZE = 22
+#: ``params_probe``: this many random projections, drawn from this numpy seed, in blocks.
+PROBE_COUNT = 8
+PROBE_SEED = 0
+_PROBE_BLOCK = 1 << 20
+#: Rebuilt parameters within this relative distance of the saved ones differ by rounding only
+#: (another platform's summation order, TF32 matmuls); farther ones are another model.
+PROBE_TOLERANCE = 5e-3
 KEY_RULE = (
     "k_model, k_proj = jax.random.split(jax.random.key(seed)); theta0 = model.init(k_model); "
     "projection of group g = init(jax.random.fold_in(k_proj, g), D_g, d_g); computed as "
@@ -105,6 +115,7 @@ __all__ = [
     "evaluate_compressed",
     "load_compressed",
     "load_params",
+    "params_probe",
     "save_compressed",
     "save_params",
     "train_config_from_dict",
@@ -143,8 +154,8 @@ def _platform() -> dict:
 
 
 def _platform_differences(header: Mapping[str, Any]) -> list[str]:
-    """``"NAME: FILE -> NOW"`` for each recorded platform field or PRNG setting that differs
-    (version 1 files record only ``jax_version`` and ``backend``)."""
+    """``"name 'saved' -> 'now'"`` for each recorded platform field or PRNG setting that
+    differs (version 1 files record only ``jax_version`` and ``backend``)."""
     saved = header.get("platform") or {
         "jax_version": header["jax_version"],
         "backend": header["backend"],
@@ -166,6 +177,38 @@ def params_digest(params: PyTree) -> str:
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def params_probe(params: PyTree) -> dict:
+    """Random projections of a parameter tree, to measure how far another tree is from it.
+
+    The leaves (flatten order) are read as one float64 vector ``theta`` of length D; row k of a
+    ``(PROBE_COUNT, D)`` standard normal matrix V is drawn by
+    ``numpy.random.default_rng(PROBE_SEED)``, block by block (each leaf in blocks of 2**20
+    entries, each block ``standard_normal((PROBE_COUNT, size))``). Since
+    ``E[(v . delta)^2] = ||delta||^2`` for a standard normal v,
+    ``sqrt(mean_k ((V theta)_k - (V theta')_k)^2)`` estimates ``||theta - theta'||``.
+
+    Returns:
+      ``{"values": V theta (PROBE_COUNT floats), "norm": ||theta||}``.
+    """
+    rng = np.random.default_rng(PROBE_SEED)
+    values = np.zeros(PROBE_COUNT)
+    sq = 0.0
+    for leaf in jax.tree_util.tree_leaves(params):
+        flat = np.asarray(jax.device_get(leaf), np.float64).ravel()
+        sq += float(flat @ flat)
+        for start in range(0, flat.size, _PROBE_BLOCK):
+            block = flat[start : start + _PROBE_BLOCK]
+            values += rng.standard_normal((PROBE_COUNT, block.size)) @ block
+    return {"values": [float(v) for v in values], "norm": float(np.sqrt(sq))}
+
+
+def _probe_distance(saved: Mapping[str, Any], params: PyTree) -> float:
+    """Estimated ``||params - saved|| / ||saved||`` from the saved :func:`params_probe`."""
+    now = params_probe(params)
+    diff = np.asarray(now["values"]) - np.asarray(saved["values"], np.float64)
+    return float(np.sqrt(np.mean(diff**2)) / max(float(saved["norm"]), np.finfo(float).tiny))
 
 
 def _trees_equal(a: PyTree, b: PyTree) -> bool:
@@ -362,7 +405,6 @@ def save_compressed(
         )
 
     arrays: dict[str, np.ndarray] = {"w": np.asarray(jax.device_get(trainable["w"]), np.float32)}
-
     if "said" in trainable:
         arrays["said"] = np.asarray(jax.device_get(trainable["said"]), np.float32)
     for j, leaf in enumerate(trainable["direct"]):
@@ -410,6 +452,7 @@ def save_compressed(
         "stored": sorted(arrays),
         "notes": notes,
         "params_sha256": params_digest(params),
+        "params_probe": params_probe(params),
     }
     if isinstance(result_or_config, Mapping) and "per_seed" in result_or_config:
         header["test_accuracy"] = result_or_config["per_seed"][seed_index].get("test_accuracy")
@@ -592,6 +635,17 @@ def _read(path: str | Path) -> tuple[dict, dict[str, np.ndarray], bool]:
         )
     _check_fields(header, _HEADER_FIELDS, name, "header")
     _check_fields(header["projection"], _PROJECTION_FIELDS, name, "header's projection")
+    if version >= 2:
+        _check_fields(header, {"params_probe": dict}, name, "header")
+        probe = header["params_probe"]
+        _check_fields(probe, {"values": list, "norm": float}, name, "header's params_probe")
+        if len(probe["values"]) != PROBE_COUNT or not all(
+            isinstance(v, float) for v in probe["values"]
+        ):
+            raise CompressedModelError(
+                f"compressed model {name}: the header's params_probe values are not "
+                f"{PROBE_COUNT} numbers"
+            )
     missing = sorted(set(header["stored"]) - set(arrays))
     if missing:
         raise CompressedModelError(f"compressed model {name} lacks the arrays {missing}")
@@ -625,9 +679,11 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
       ``(params, info)``: ``params`` the model's variables ``{"params": {...}}``, identical bit
       for bit to the trained ones on the same platform; ``info`` the file's header plus
       ``params_match`` (the rebuilt parameters' digest equals the stored one),
-      ``digest_verified`` (the file carried a digest and it matched; False only for format
-      version 1), ``platform_differences`` (``"field: saved -> now"`` strings; empty on the
-      saving platform) and ``file_bytes``. Rebuild the model with
+      ``params_distance`` (the estimated ``||theta - theta_saved|| / ||theta_saved||``: 0.0
+      when bit-equal, None when unknown), ``digest_verified`` (the file carried a digest and it
+      matched; False only for format version 1), ``platform_differences`` (strings such as
+      ``"jax_version '0.4.30' -> '0.4.31'"``; empty on the saving platform) and
+      ``file_bytes``. Rebuild the model with
       ``subspace_jax.models.from_config(info["model_config"])``.
 
     Raises:
@@ -710,23 +766,56 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
         ) from None
     info = dict(header)
     info["params_match"] = params_digest(params) == header["params_sha256"]
+    info["params_distance"] = 0.0
     info["digest_verified"] = has_digest
-    info["platform_differences"] = _platform_differences(header)
+    info["platform_differences"] = diffs = _platform_differences(header)
     info["file_bytes"] = Path(path).stat().st_size
     if not info["params_match"]:
-        if not info["platform_differences"]:
+        _check_rebuilt(name, header, params, diffs, info)
+    return params, info
+
+
+def _check_rebuilt(name: str, header: dict, params: PyTree, diffs: list[str], info: dict):
+    """Rebuilt parameters that are not bit-equal to the saved ones: rounding or another model?
+
+    With a probe (version 2): rounding (within :data:`PROBE_TOLERANCE`) is a warning, which
+    names the platform differences if there are any; more is an error. Without one (version
+    1): an error on the saving platform, a warning elsewhere.
+    """
+    where = f"saved on another platform ({'; '.join(diffs)})" if diffs else ""
+    info["params_distance"] = None  # unknown without a probe
+    if "params_probe" in header:
+        dist = _probe_distance(header["params_probe"], params)
+        info["params_distance"] = dist
+        if dist > PROBE_TOLERANCE:
+            why = (
+                f"this platform does not rebuild the saved model: it was {where}; load it "
+                f"with JAX {header['jax_version']} on {header['backend']}"
+                if diffs
+                else "its seed, configs or arrays were altered after saving"
+            )
             raise CompressedModelError(
-                f"compressed model {name}: the parameters rebuilt from it differ from the saved "
-                "ones on the platform it was saved on (same JAX, jaxlib, backend, device, CPU "
-                "and PRNG settings): its seed, configs or arrays were altered after saving"
+                f"compressed model {name}: the parameters rebuilt from it are another model "
+                f"(relative distance {dist:.2g} from the saved ones): {why}"
             )
         warnings.warn(
-            f"{name}: the rebuilt parameters differ slightly from the saved ones, as expected "
-            f"on another platform ({'; '.join(info['platform_differences'])})",
+            f"{name}: the rebuilt parameters differ from the saved ones by rounding only "
+            f"(relative distance {dist:.1e})" + (f"; {where}" if diffs else ""),
             RuntimeWarning,
-            stacklevel=2,
+            stacklevel=3,
         )
-    return params, info
+        return
+    if not diffs:
+        raise CompressedModelError(
+            f"compressed model {name}: the parameters rebuilt from it differ from the saved "
+            "ones on the platform it was saved on (same JAX, backend and PRNG settings): its "
+            "seed, configs or arrays were altered after saving"
+        )
+    warnings.warn(
+        f"{name}: the rebuilt parameters differ from the saved ones; {where}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def compressed_size_report(path: str | Path, num_params: int | None = None) -> dict:
@@ -781,7 +870,8 @@ def evaluate_compressed(
 
     Returns:
       ``{"test_accuracy", "test_loss", "num_test", "dataset", "params_match",
-      "digest_verified", "platform_differences", "file_bytes", "num_params", "dim"}``.
+      "params_distance", "digest_verified", "platform_differences", "file_bytes",
+      "num_params", "dim"}`` (see :func:`load_compressed`).
 
     Raises:
       FileNotFoundError, CompressedModelError: as :func:`load_compressed`.
@@ -818,6 +908,7 @@ def evaluate_compressed(
         "num_test": n,
         "dataset": data.name,
         "params_match": info["params_match"],
+        "params_distance": info["params_distance"],
         "digest_verified": info["digest_verified"],
         "platform_differences": info["platform_differences"],
         "file_bytes": info["file_bytes"],

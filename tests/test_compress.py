@@ -17,10 +17,12 @@ import subspace_jax as sj
 from subspace_jax import cli
 from subspace_jax.compress import (
     CompressedModelError,
+    _probe_distance,
     _write_archive,
     compressed_size_report,
     evaluate_compressed,
     load_compressed,
+    params_probe,
     save_compressed,
 )
 from subspace_jax.models import from_config
@@ -276,7 +278,8 @@ def damaged_files(src):
     """name -> (make(path), what the error says) for damaged or altered copies of ``src``."""
     header, arrays = read_archive(src)
     no_sha = {k: v for k, v in header.items() if k != "params_sha256"}
-    v1 = {k: v for k, v in header.items() if k != "platform"} | {"version": 1}
+    v1 = {k: v for k, v in header.items() if k not in ("platform", "params_probe")}
+    v1["version"] = 1
     data = src.read_bytes()
     return {
         "w times 3, digest recomputed": (
@@ -337,8 +340,8 @@ def test_damaged_files_are_one_error_naming_the_file(run, tmp_path, capsys):
 def test_version_1_file_loads_with_a_warning(run, tmp_path, capsys):
     _, result, _, src, _ = run
     header, arrays = read_archive(src)
-    v1 = {k: v for k, v in header.items() if k != "platform"} | {"version": 1}
-    _unsealed(v1, arrays)(tmp_path / "v1.npz")
+    v1 = {k: v for k, v in header.items() if k not in ("platform", "params_probe")}
+    _unsealed({**v1, "version": 1}, arrays)(tmp_path / "v1.npz")
     with pytest.warns(RuntimeWarning, match="format version 1 file, written before file digests"):
         params, info = load_compressed(tmp_path / "v1.npz")
     assert info["params_match"] and not info["digest_verified"]
@@ -366,11 +369,40 @@ def test_platform_note_only_when_the_platform_differs(run, tmp_path, capsys):
         _, info = load_compressed(tmp_path / "same.npz")
     assert info["params_match"]
     assert info["platform_differences"] == [f"jax_version '0.0.1' -> {jax.__version__!r}"]
-    # Another JAX version and parameters that differ: a warning naming what differs, exit 0.
-    _sealed(other, {**arrays, "w": arrays["w"] * (1 + 1e-6)})(tmp_path / "moved.npz")
-    with pytest.warns(RuntimeWarning, match="jax_version '0.0.1' -> ") as rec:
-        _, info = load_compressed(tmp_path / "moved.npz")
-    assert len(rec) == 1 and not info["params_match"]
-    assert cli.main(["evaluate", "--compressed", str(tmp_path / "moved.npz")]) == 0
-    lines = capsys.readouterr().err.splitlines()
-    assert [ln for ln in lines if ln.startswith("warning:")] == [f"warning: {rec[0].message}"]
+    # Rounding-level differences (w off by 1e-6): a warning; it blames the platform only when
+    # the platform differs.
+    nudged = {**arrays, "w": arrays["w"] * np.float32(1 + 1e-6)}
+    _sealed(header, nudged)(tmp_path / "nudged_here.npz")
+    _sealed(other, nudged)(tmp_path / "nudged_there.npz")
+    for path, blame in [("nudged_here.npz", False), ("nudged_there.npz", True)]:
+        with pytest.warns(RuntimeWarning, match="by rounding only") as rec:
+            _, info = load_compressed(tmp_path / path)
+        assert len(rec) == 1 and not info["params_match"] and info["params_distance"] < 1e-5
+        assert ("saved on another platform (jax_version '0.0.1' -> " in str(rec[0].message)) == (
+            blame
+        )
+        assert cli.main(["evaluate", "--compressed", str(tmp_path / path)]) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert [ln for ln in lines if ln.startswith("warning:")] == [f"warning: {rec[0].message}"]
+    # Another model (w times 3) is an error even when the platform differs.
+    _sealed(other, {**arrays, "w": arrays["w"] * 3})(tmp_path / "other_model.npz")
+    with pytest.raises(CompressedModelError, match="this platform does not rebuild the saved"):
+        load_compressed(tmp_path / "other_model.npz")
+
+
+def test_params_probe_estimates_the_relative_distance(run):
+    _, _, trained, _, _ = run
+    params = jax.jit(sj.to_params)(seed_slice(trained.subs), seed_slice(trained.trainables))
+    probe = params_probe(params)
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(params)])
+    assert probe["norm"] == pytest.approx(np.linalg.norm(flat), rel=1e-12)
+    # The projections themselves: V drawn leaf by leaf (each leaf is under one block).
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal((8, x.size)) for x in jax.tree.leaves(params)], 1)
+    np.testing.assert_allclose(probe["values"], v @ flat, rtol=1e-9)
+    rng = np.random.default_rng(1)
+    for rel in [1e-6, 1e-3, 0.3]:
+        scale = rel * np.linalg.norm(flat) / np.sqrt(D)  # ||delta|| ~ rel ||theta||
+        moved = jax.tree.map(lambda x, s=scale: x + s * rng.standard_normal(x.shape), params)
+        # sqrt(chi2_8 / 8) lies in [0.4, 1.8] with probability > 0.999.
+        assert 0.4 * rel < _probe_distance(probe, moved) < 1.8 * rel
