@@ -1,5 +1,8 @@
 """The library as other JAX code uses it: projections as values, Flax collections, bad input."""
 
+import re
+from pathlib import Path
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -296,3 +299,15 @@ def test_nnx_split_state():
 def _find(paths, name):
     (hit,) = [p for p in paths if name in p.split("/")]
     return hit
+
+
+def test_readme_forward_mode_and_batchnorm_example_runs(capsys):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "BNNet" in b]
+    namespace = {}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["tangent"].shape == (128, 2) and namespace["ntk_row"].shape == (2, 40)
+    assert float(namespace["value"]) < 0.5  # trained: chance is log 2 = 0.69
+    stats = namespace["stats"]["BatchNorm_0"]["mean"]
+    assert not jnp.allclose(stats, 0.0)  # the running statistics were updated
+    assert "loss" in capsys.readouterr().out
