@@ -246,20 +246,20 @@ def _leaf_labels(
     labels: Callable[[str, Any], str] | Mapping[str, str] | None,
 ) -> list[str]:
     """One label a leaf (``LABELS``): all ``"direct"`` for ``dim = 0``, else from ``labels``."""
-    if dim == 0:
-        return ["direct"] * len(spec.leaves)
-    if labels is None:
-        return ["project"] * len(spec.leaves)
     if isinstance(labels, Mapping):
         unknown = set(labels) - set(spec.paths)
         if unknown:
             raise ValueError(
                 f"labels names unknown leaves {sorted(unknown)}; leaves are {list(spec.paths)}"
             )
-    elif not callable(labels):
+    elif labels is not None and not callable(labels):
         raise ValueError(
             f"labels must be a mapping {{path: label}} or fn(path, leaf), got {labels!r}"
         )
+    if dim == 0:
+        return ["direct"] * len(spec.leaves)
+    if labels is None:
+        return ["project"] * len(spec.leaves)
     leaf_labels = label_leaves(theta0, labels)
     for leaf, lab in zip(spec.leaves, leaf_labels, strict=True):
         if lab not in LABELS:
@@ -305,6 +305,21 @@ def _explicit_dims(spec: FlatSpec, projected: list[int], dims: Mapping[str, Any]
             raise ValueError(f"dims[{path!r}] must be an integer >= 1, got {d_i!r}")
         out.append(int(d_i))
     return out
+
+
+def _leaf_dims(
+    spec: FlatSpec,
+    projected: list[int],
+    dim: int | None,
+    per_leaf: bool,
+    dims: Mapping[str, Any] | None,
+) -> list[int] | None:
+    """Each projected leaf's d_i (explicit ``dims`` or ``dim`` split by size), None if global."""
+    if dims is not None:
+        return _explicit_dims(spec, projected, dims)
+    if not per_leaf:
+        return None
+    return allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
 
 
 def _groups(
@@ -367,18 +382,11 @@ def make_layout(
     get_projection(projection)  # an unknown name fails here, before anything else
     leaf_labels = _leaf_labels(params, spec, dim, labels)
     projected = [i for i, lab in enumerate(leaf_labels) if lab == "project"]
+    if dim and not projected:
+        raise ValueError(f"dim = {dim} but no leaf is labelled 'project' (use dim = 0)")
     if said:
         dim = _said_dim(dim, len(projected), per_leaf)
-    if dims is not None:
-        leaf_dims = _explicit_dims(spec, projected, dims)
-    elif per_leaf:
-        leaf_dims = (
-            allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
-        )
-    else:
-        leaf_dims = None
-        if projected and dim == 0:
-            raise ValueError("dim must be >= 1 when some leaves are projected")
+    leaf_dims = _leaf_dims(spec, projected, dim, per_leaf, dims)
     groups = _groups(spec, projected, dim, leaf_dims, projection)
     return Layout(spec, groups, tuple(leaf_labels), bool(said), names)
 

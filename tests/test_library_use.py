@@ -216,6 +216,8 @@ def test_collections_options_and_errors():
         (dict(dims={"params/a": 2}), r"no dimension for projected leaves \['params/b'\]"),
         (dict(dims={"params/a": 2.0, "params/b": 1}), "dims\\['params/a'\\] must be an integer"),
         (dict(dim=3, labels=[1]), "labels must be a mapping"),
+        (dict(dim=0, labels={"params/A": "frozen"}), r"unknown leaves \['params/A'\]"),
+        (dict(dim=3, labels=lambda path, leaf: "frozen"), "no leaf is labelled 'project'"),
     ],
 )
 def test_bad_layout_inputs(kwargs, match):

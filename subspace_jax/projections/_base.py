@@ -7,8 +7,14 @@ A projection P is a linear map from the subspace R^d to parameter space R^D. It 
   a pytree of arrays; static sizes live in pytree auxiliary data (never traced), so
   ``jax.vmap(init, in_axes=(0, None, None))`` over keys works.
 * ``apply(state, w) -> delta``: ``P @ w``, ``w`` of shape ``(d,)``, ``delta`` of shape ``(D,)``.
-  Differentiable in ``w``: its VJP is ``transpose``.
+  A linear map in ``w`` under every JAX transformation (:func:`linear_map`): ``jvp``,
+  ``jacfwd``, ``linearize``, ``vmap``, ``grad``, ``linear_transpose``, ``hessian``; reverse mode
+  and transposition run ``transpose``.
 * ``transpose(state, g) -> gw``: ``P^T @ g``, ``g`` of shape ``(D,)``, ``gw`` of shape ``(d,)``.
+
+A projection is a value: :func:`make_projection` builds one from ``init`` and the pair
+``mv``/``rmv`` (the size metadata is optional), ``init_subspace(..., projection=...)`` takes it
+or a registered name, and :func:`register` names it (``overwrite=True`` to replace).
 
 Convention: every projection documents its expected column norm ``E||P e_j||``; the library's
 default learning rate is divided by it (:func:`default_learning_rate`), so one default serves
