@@ -157,6 +157,7 @@ def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(data, one
             save_compressed("unused.npz", result, trained, 1)
 
 
+@pytest.mark.slow
 def test_retry_trains_a_diverged_seed_again_at_a_tenth_of_the_rate(data):
     # Plain SGD at 1e4 diverges at step 8 of 8; at 1e3 it stays finite.
     base = dataclasses.replace(SMALL, dim=100, optimizer="sgd", lr=1e4, on_divergence="retry")
@@ -177,6 +178,7 @@ def test_retry_trains_a_diverged_seed_again_at_a_tenth_of_the_rate(data):
     )
 
 
+@pytest.mark.slow
 def test_retries_are_bounded_and_replace_only_the_diverged_seed(data, one_diverged):
     config, stopped, _ = one_diverged(40)
     config = dataclasses.replace(config, on_divergence="retry", max_retries=2)
