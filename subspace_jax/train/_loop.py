@@ -380,8 +380,7 @@ def train_and_evaluate(
     runs = train(config.seeds, lr, 0)
     if config.on_divergence == "retry":
         runs = _retry_diverged(runs, lr, config.max_retries, train, progress)
-    result = _result(config, layout, data, theta0_fn, lr, runs)
-    result["wall_time_s"] = time.perf_counter() - t_start
+    result = _result(config, layout, data, theta0_fn, lr, runs, t_start)
     if return_state:
         return result, Trained(model, runs.subs, runs.trainables)
     return result
@@ -627,8 +626,10 @@ def _epoch_record(raw: dict) -> dict:
     }
 
 
-def _result(config: TrainConfig, layout: Layout, data: Dataset, theta0_fn, lr, runs) -> dict:
-    """The JSON-serialisable result of a run (``wall_time_s`` is set by the caller)."""
+def _result(
+    config: TrainConfig, layout: Layout, data: Dataset, theta0_fn, lr: float, runs: _Runs, t_start
+) -> dict:
+    """The JSON-serialisable result of a run that started at ``t_start`` (``perf_counter``)."""
     history = [_epoch_record(raw) for raw in runs.epochs]
     final_val = np.asarray(history[-1]["per_seed_val_accuracy"])
     diverged = runs.diverged_at > 0
@@ -666,7 +667,7 @@ def _result(config: TrainConfig, layout: Layout, data: Dataset, theta0_fn, lr, r
         "step_time_ms": median_ms(runs.step_times),
         "peak_memory_bytes": peak_memory_bytes(),
         "setup_time_s": runs.setup_s,
-        "wall_time_s": None,
+        "wall_time_s": time.perf_counter() - t_start,
         "learning_rate": lr,
         "steps": runs.steps,
         "seeds": [int(s) for s in config.seeds],
