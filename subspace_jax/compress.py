@@ -321,6 +321,18 @@ def _layout_spec(layout: Layout) -> list[dict]:
 # ------------------------------------------------------------------------------ public API
 
 
+def _check_not_diverged(result_or_config, seed_index: int, seed: int) -> None:
+    """Refuse a seed that ``train_and_evaluate`` reported as diverged (not a usable model)."""
+    if not isinstance(result_or_config, Mapping) or "per_seed" not in result_or_config:
+        return
+    record = result_or_config["per_seed"][seed_index]
+    if record.get("diverged"):
+        raise ValueError(
+            f"seed {seed} diverged at step {record.get('diverged_step')}: a diverged model is "
+            "not saved; train it again with a lower learning rate"
+        )
+
+
 def save_compressed(
     path: str | Path,
     result_or_config: TrainConfig | Mapping[str, Any],
@@ -345,8 +357,9 @@ def save_compressed(
       The header written (a dict; see the module docstring).
 
     Raises:
-      ValueError: a direct run (``dim = 0``: nothing to compress), a bad ``seed_index``, or
-        theta0 / P not reproducible from the key while ``allow_stored`` is False.
+      ValueError: a direct run (``dim = 0``: nothing to compress), a bad ``seed_index``, a
+        seed the result reports as diverged, or theta0 / P not reproducible from the key
+        while ``allow_stored`` is False.
     """
     config = _config_of(result_or_config)
     if config.dim == 0:
@@ -360,6 +373,7 @@ def save_compressed(
     if not 0 <= seed_index < n:
         raise ValueError(f"seed_index must be in [0, {n - 1}] for {n} seeds, got {seed_index}")
     seed = int(config.seeds[seed_index])
+    _check_not_diverged(result_or_config, seed_index, seed)
     sub = jax.tree_util.tree_map(lambda x: x[seed_index], trained.subs)
     trainable = jax.tree_util.tree_map(lambda x: x[seed_index], trained.trainables)
     model_config = dict(trained.model.config)
