@@ -741,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     p.add_argument("--dims", required=True, help="e.g. '100,200,400,800'")
     p.add_argument(
         "--metric",
@@ -764,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     # Three seeds for the interval; Fastfood: O(D log d) per step where dense costs O(D d).
     p.set_defaults(seeds="0,1,2", projection="fastfood")
     _add_search_outputs(p, "id")
