@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 import run as runner  # noqa: E402  (experiments/run.py: config loading and invocations)
 
 from subspace_jax import _results  # noqa: E402
-from subspace_jax.intrinsic_dim import RUNS_FILE, summarize_sweep  # noqa: E402
+from subspace_jax.intrinsic_dim import RUNS_FILE, describe_estimate, summarize_sweep  # noqa: E402
 
 RESULTS = ROOT / "results"
 FIGURES = ROOT / "docs" / "results"
@@ -271,7 +271,6 @@ def section_sweep(key: str, experiment: str, run: str, title: str) -> str:
         ["d", "val acc (mean)", "per seed", "/ baseline", "step ms", "wall s"],
         rows,
     )
-    d_int = summ["d_int"] if summ else None
     base_acc = fmt(baseline) if base else "not run"
     out += "\n\n" + table(
         ["", "this run", "seed report", "Li et al. 2018"],
@@ -285,9 +284,7 @@ def section_sweep(key: str, experiment: str, run: str, title: str) -> str:
             ],
             [
                 "d_int90",
-                "not reached on this grid"
-                if summ and d_int is None
-                else (f"{d_int:,.0f}" if d_int else "n/a"),
+                describe_estimate(summ) if summ else "n/a",
                 ref["seed_dint90"],
                 ref["li_dint90"],
             ],
@@ -561,7 +558,7 @@ def section_summary() -> str:
             rows.append([f"{title}: d_int90", "not run", ref["seed_dint90"], ref["li_dint90"]])
             continue
         summ = summarize_sweep(*data)
-        value = "not reached" if summ["d_int"] is None else f"{summ['d_int']:,.0f}"
+        value = describe_estimate(summ)
         epochs = data[1][0]["epochs"]
         rows.append(
             [

@@ -8,16 +8,25 @@ from subspace_jax import projections
 from subspace_jax._subspace import (
     Group,
     Layout,
+    NonFiniteStateError,
     Subspace,
     allocate_dims,
+    check_finite,
     init_from_layout,
     init_subspace,
     init_trainable,
     make_layout,
+    split_collections,
     to_params,
 )
 from subspace_jax._tree import FlatSpec, LeafSpec, flatten, leaf_specs, unflatten
-from subspace_jax.projections import Projection, get_projection, projection_names
+from subspace_jax.projections import (
+    Projection,
+    get_projection,
+    make_projection,
+    projection_names,
+    register,
+)
 
 __version__ = "0.1.0"
 
@@ -26,9 +35,11 @@ __all__ = [
     "Group",
     "Layout",
     "LeafSpec",
+    "NonFiniteStateError",
     "Projection",
     "Subspace",
     "allocate_dims",
+    "check_finite",
     "flatten",
     "get_projection",
     "init_from_layout",
@@ -36,8 +47,11 @@ __all__ = [
     "init_trainable",
     "leaf_specs",
     "make_layout",
+    "make_projection",
     "projection_names",
     "projections",
+    "register",
+    "split_collections",
     "to_params",
     "unflatten",
 ]

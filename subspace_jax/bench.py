@@ -346,7 +346,7 @@ class _Worker:
     def cell(self, name: str, d: int) -> Record:
         import jax
 
-        from subspace_jax._subspace import init_from_layout, make_layout
+        from subspace_jax._subspace import check_finite, init_from_layout, make_layout
         from subspace_jax.projections import default_learning_rate, get_projection
 
         D = int(self.model.num_params)
@@ -356,6 +356,7 @@ class _Worker:
         t = time.perf_counter()
         sub = jax.block_until_ready(init(self.k_proj, self.theta0))
         setup_s = time.perf_counter() - t
+        check_finite(sub)
         lr = default_learning_rate(get_projection(name), D, d)
         stepper = _Stepper(self.model, sub, lr)
         t = time.perf_counter()

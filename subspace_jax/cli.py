@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,8 @@ MAX_LIST = 10_000
 MAX_BOOTSTRAP = 1_000_000
 #: Largest seed (``jax.random.key`` keeps 32 bits: 2**32 would be the key of seed 0).
 MAX_SEED = 2**32 - 1
+#: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
+EXIT_DIVERGED = 3
 
 
 class CLIError(ValueError):
@@ -215,6 +218,25 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
 
 
+def _add_divergence_args(p: argparse.ArgumentParser) -> None:
+    """``--on-divergence`` and ``--max-retries``: what to do with a seed that diverged."""
+    from subspace_jax.train import ON_DIVERGENCE, RETRY_LR_FACTOR
+
+    p.add_argument(
+        "--on-divergence",
+        default="stop",
+        choices=ON_DIVERGENCE,
+        help="a seed whose loss or parameters become non-finite stops there (stop, default) "
+        f"or is trained again from scratch with the learning rate / {RETRY_LR_FACTOR:g} (retry)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=_nonneg_int,
+        default=2,
+        help="with --on-divergence retry: retries per diverged seed (default 2)",
+    )
+
+
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
     """Build a validated :class:`TrainConfig` from parsed arguments."""
     from subspace_jax.data import DATASETS
@@ -252,6 +274,8 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         max_steps=args.max_steps,
         data_seed=args.data_seed,
         model_overrides=overrides,
+        on_divergence=getattr(args, "on_divergence", "stop"),
+        max_retries=getattr(args, "max_retries", 2),
     )
     validate_config(config)
     return config
@@ -429,8 +453,16 @@ class ProgressPrinter:
             if self.tty:
                 self.stream.write("\r" + " " * 70 + "\r")
             self.stream.write(
-                f"  epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
-                f"val acc {event['val_accuracy']:.4f}  ({elapsed:.1f}s)\n"
+                f"  epoch {event['epoch']:3d}  train loss {_fmt(event['train_loss'])}  "
+                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)\n"
+            )
+            self.stream.flush()
+        elif kind == "diverged":
+            if self.tty:
+                self.stream.write("\r" + " " * 70 + "\r")
+            self.stream.write(
+                f"  seed {event['seed']} diverged at step {event['step']} (learning rate "
+                f"{event['learning_rate']:g}): it stops updating there\n"
             )
             self.stream.flush()
         elif kind == "run_start":
@@ -438,13 +470,18 @@ class ProgressPrinter:
             self.stream.flush()
         elif kind == "run_end":
             self.stream.write(
-                f"d = {event['dim']} done: mean val acc {event['val_accuracy']:.4f} "
+                f"d = {event['dim']} done: mean val acc {_fmt(event['val_accuracy'])} "
                 f"in {event['wall_time_s']:.1f}s\n"
             )
             self.stream.flush()
         elif kind == "message":
             self.stream.write(event["text"] + "\n")
             self.stream.flush()
+
+
+def _fmt(value: float | None) -> str:
+    """A mean over seeds: None (every seed diverged) prints as ``n/a``."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------ commands
@@ -466,11 +503,21 @@ def cmd_train(args) -> int:
         file=sys.stderr,
     )
     written = True
+    status = 0
     if args.save_compressed:
         result, trained = train_and_evaluate(config, progress=progress, return_state=True)
-        written &= write_or_fallback(
-            args.save_compressed, lambda path: _save_compressed(path, result, trained)
-        )
+        saved = result["per_seed"][0]
+        if saved["diverged"]:
+            print(
+                f"error: not saving {args.save_compressed}: seed {saved['seed']} (the one "
+                f"--save-compressed saves) diverged at step {saved['diverged_step']}",
+                file=sys.stderr,
+            )
+            status = EXIT_DIVERGED
+        else:
+            written &= write_or_fallback(
+                args.save_compressed, lambda path: _save_compressed(path, result, trained)
+            )
     else:
         result = train_and_evaluate(config, progress=progress)
     if args.out:
@@ -479,12 +526,42 @@ def cmd_train(args) -> int:
         written &= write_or_fallback(args.json, _json_writer(result))
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
-        f"val acc {result['val_accuracy']:.4f} (best {result['best_val_accuracy']:.4f})  "
-        f"test acc {result['test_accuracy']:.4f}  step {result['step_time_ms']:.2f} ms  "
+        f"val acc {_fmt(result['val_accuracy'])} (best {_fmt(result['best_val_accuracy'])})  "
+        f"test acc {_fmt(result['test_accuracy'])}  step {result['step_time_ms']:.2f} ms  "
         f"peak mem {result['peak_memory_bytes'] / 2**20:.0f} MiB  "
         f"wall {result['wall_time_s']:.1f}s"
     )
-    return 0 if written else EXIT_WRITE_FAILED
+    if _report_divergence(result, retry=config.on_divergence == "retry"):
+        status = EXIT_DIVERGED
+    if not written:
+        status = status or EXIT_WRITE_FAILED
+    return status
+
+
+def _report_divergence(result: dict, *, retry: bool) -> bool:
+    """Print each diverged or retried seed on stderr; True when every seed diverged."""
+    for s in result["per_seed"]:
+        if s["diverged"]:
+            hint = f"a lower --lr (e.g. {s['learning_rate'] / 10:g})"
+            if not retry:
+                hint += " or --on-divergence retry"
+            print(
+                f"warning: seed {s['seed']} diverged at step {s['diverged_step']} (learning "
+                f"rate {s['learning_rate']:g}): its loss or parameters became non-finite, so "
+                "it stopped updating there; its accuracies are those of its last finite state "
+                f"and are left out of the means. Try {hint}",
+                file=sys.stderr,
+            )
+        elif s["retries"]:
+            print(
+                f"note: seed {s['seed']} diverged and was trained again from scratch "
+                f"{s['retries']} time(s); it finished at learning rate {s['learning_rate']:g}",
+                file=sys.stderr,
+            )
+    if result["per_seed"] and all(s["diverged"] for s in result["per_seed"]):
+        print("error: every seed diverged: lower the learning rate (--lr)", file=sys.stderr)
+        return True
+    return False
 
 
 def _lock_out(stack: contextlib.ExitStack, args) -> None:
@@ -505,7 +582,7 @@ def _lock_out(stack: contextlib.ExitStack, args) -> None:
 
 
 def cmd_sweep(args) -> int:
-    from subspace_jax.intrinsic_dim import RUNS_FILE, run_sweep
+    from subspace_jax.intrinsic_dim import RUNS_FILE, describe_estimate, run_sweep
 
     dims = parse_dims(args.dims)
     check_outputs(
@@ -518,22 +595,37 @@ def cmd_sweep(args) -> int:
     progress = ProgressPrinter(quiet=args.quiet)
     with contextlib.ExitStack() as stack:
         _lock_out(stack, args)
-        result = run_sweep(config, dims, out, fraction=args.fraction, progress=progress)
+        result = run_sweep(
+            config, dims, out, fraction=args.fraction, metric=args.metric, progress=progress
+        )
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
     d_int = result["d_int90"]
+    if d_int is not None:
+        value = f"= {d_int:.0f}"
+    elif result["censored"]:
+        value = describe_estimate({**result, "d_int": None})
+    else:
+        value = "= not reached on this grid"
     print(
-        f"baseline val acc {result['baseline']['val_accuracy']:.4f}; "
-        f"d_int{round(args.fraction * 100)} = "
-        f"{'not reached on this grid' if d_int is None else f'{d_int:.0f}'}"
+        f"baseline {args.metric.replace('_', ' ')} {result['baseline']['value']:.4f}; "
+        f"d_int{round(args.fraction * 100)} {value}"
     )
+    for note in result["notes"]:
+        print(f"note: {note}")
     print(f"results: {out / 'sweep.json'}  plot: {result['plot']}")
     return 0 if written else EXIT_WRITE_FAILED
 
 
 def cmd_id(args) -> int:
-    from subspace_jax.intrinsic_dim import ID_JSON, ID_PLOT, RUNS_FILE, search_intrinsic_dim
+    from subspace_jax.intrinsic_dim import (
+        ID_JSON,
+        ID_PLOT,
+        RUNS_FILE,
+        describe_estimate,
+        search_intrinsic_dim,
+    )
 
     check_outputs({"--json": args.json}, {"--out": (args.out, [RUNS_FILE, ID_JSON, ID_PLOT])})
     if args.projection == "auto":
@@ -579,12 +671,14 @@ def cmd_id(args) -> int:
     )
     runs = result["num_training_runs"]
     label = result["label"]
-    if result["d_int"] is None:
+    if result["censored"]:
+        print(f"{label} {describe_estimate(result)}")
+    elif result["d_int"] is None:
         print(f"{label}: the target is not reached up to d = {result['d_max']}")
     else:
         lo, hi = result["ci_low"], result["ci_high"]
         ci = (
-            f"95% CI [{'?' if lo is None else f'{lo:.0f}'}, "
+            f"95% CI [{'unbounded' if lo is None else f'{lo:.0f}'}, "
             f"{'unbounded' if hi is None else f'{hi:.0f}'}]"
         )
         print(f"{label} = {result['d_int']:.0f}  {ci}")
@@ -686,16 +780,15 @@ def cmd_evaluate(args) -> int:
     check_outputs({"--json": args.json}, inputs=[args.compressed])
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise CLIError(f"--data-dir {args.data_dir!r} is not a directory")
-    result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    # The loader's warnings (another platform, a file without digest) as one line each.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     written = True
     if args.json:
         written = write_or_fallback(args.json, _json_writer(result))
-    if not result["params_match"]:
-        print(
-            "warning: the rebuilt parameters differ from the saved ones (another platform or "
-            "JAX version)",
-            file=sys.stderr,
-        )
     print(
         f"D = {result['num_params']}  d = {result['dim']}  file {result['file_bytes']} bytes  "
         f"test acc {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
@@ -844,6 +937,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train one model (direct or in a subspace)")
     _add_run_args(p)
     _add_kind_args(p)
+    _add_divergence_args(p)
     p.add_argument("--out", default=None, help="folder for result.json")
     p.add_argument("--json", default=None, help="write the result JSON to this file")
     p.set_defaults(func=cmd_train)
@@ -863,23 +957,31 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     p.add_argument("--dims", required=True, help="e.g. '100,200,400,800'")
+    p.add_argument(
+        "--metric",
+        default="val_accuracy",
+        choices=("val_accuracy", "val_loss"),
+        help="val_accuracy (reaches fraction x baseline) or val_loss (<= baseline / fraction)",
+    )
     _add_search_outputs(p, "sweep")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
         "id",
         parents=[common],
-        help="search d_int90 automatically (doubling + bisection, bootstrap interval)",
+        help="search d_int90 automatically (doubling + bisection, 95%% t-interval)",
         description=(
             "Find d_int (default d_int90) by training the direct baseline, doubling d from "
             "--d-start until the mean over seeds reaches the target, then bisecting in log d "
-            "to --precision; reports a bootstrap 95% interval over seeds and the success "
+            "to --precision; reports a 95% t-interval over seeds and the success "
             "probability of each d. Defaults for id: seeds 0,1,2 and the fastfood projection. "
             "Finished runs are kept in OUT/runs.jsonl and reused on a rerun."
         ),
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     # Three seeds for the interval; Fastfood: O(D log d) per step where dense costs O(D d).
     p.set_defaults(seeds="0,1,2", projection="fastfood")
     _add_search_outputs(p, "id")
@@ -904,7 +1006,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--bootstrap",
         type=_int_in(0, MAX_BOOTSTRAP),
         default=1000,
-        help="bootstrap resamples of the seeds for the 95%% interval (0: none)",
+        help="bootstrap resamples for bootstrap_ci, kept for comparison beside the 95%% "
+        "t-interval (0: none)",
     )
     p.set_defaults(func=cmd_id)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,6 +18,14 @@ import numpy as np
 
 from subspace_jax import _results
 from subspace_jax.data import data_fingerprint
+from subspace_jax.intrinsic_dim._stats import (
+    finite,
+    grid_estimate,
+    lower_is_better,
+    margins,
+    non_monotone_dims,
+    target_value,
+)
 from subspace_jax.projections import LR_RULE
 from subspace_jax.train import TrainConfig, load_data, train_and_evaluate
 
@@ -61,10 +68,13 @@ def _file_sha256(path: str | Path) -> str:
 def seed_records(result: dict, config: TrainConfig) -> list[dict]:
     """Split a (possibly multi-seed) training result into one record per seed.
 
-    ``result["data_fingerprint"]`` (set by ``train_and_evaluate``) enters the record's
-    ``config_key`` and is stored as ``data_fingerprint``.
+    ``diverged`` and ``diverged_step`` are copied from each seed's result (False and None where
+    the trainer does not report them); ``result["data_fingerprint"]`` (set by
+    ``train_and_evaluate``) enters the record's ``config_key`` and is stored as
+    ``data_fingerprint``.
     """
-    key = config_key(config, data=result["data_fingerprint"])
+    fingerprint = result.get("data_fingerprint", "unknown")
+    key = config_key(config, data=fingerprint)
     out = []
     for i, s in enumerate(result["per_seed"]):
         out.append(
@@ -79,6 +89,8 @@ def seed_records(result: dict, config: TrainConfig) -> list[dict]:
                 "val_accuracy": s["val_accuracy"],
                 "best_val_accuracy": s["best_val_accuracy"],
                 "test_accuracy": s["test_accuracy"],
+                "diverged": bool(s.get("diverged", False)),
+                "diverged_step": s.get("diverged_step"),
                 "val_loss": result["history"][-1]["per_seed_val_loss"][i],
                 "val_loss_curve": [h["per_seed_val_loss"][i] for h in result["history"]],
                 "val_curve": [h["per_seed_val_accuracy"][i] for h in result["history"]],
@@ -86,9 +98,10 @@ def seed_records(result: dict, config: TrainConfig) -> list[dict]:
                 "step_time_ms": result["step_time_ms"],
                 "peak_memory_bytes": result["peak_memory_bytes"],
                 "wall_time_s": result["wall_time_s"],
-                "learning_rate": result["learning_rate"],
+                # The rate this seed finished with (lower after --on-divergence retry).
+                "learning_rate": s.get("learning_rate", result["learning_rate"]),
                 "epochs": config.epochs,
-                "data_fingerprint": result["data_fingerprint"],
+                "data_fingerprint": fingerprint,
             }
         )
     return out
@@ -153,32 +166,42 @@ def run_dims(
     return records
 
 
-def interpolate_crossing(
-    dims: Sequence[float], values: Sequence[float], target: float
-) -> float | None:
-    """Smallest d where the curve ``values(dims)`` reaches ``target``, interpolated in log d.
-
-    ``dims`` must be increasing. Returns the first grid point if it already reaches the target
-    and None if no point does.
-    """
-    for i, (d, v) in enumerate(zip(dims, values, strict=True)):
-        if v >= target:
-            if i == 0:
-                return float(d)
-            d0, v0 = dims[i - 1], values[i - 1]
-            frac = (target - v0) / (v - v0) if v != v0 else 1.0
-            return float(math.exp(math.log(d0) + frac * (math.log(d) - math.log(d0))))
-    return None
-
-
 def sweep_definition(fraction: float, metric: str = "val_accuracy") -> str:
+    name = metric.replace("_", " ")
+    if lower_is_better(metric):
+        rule = (
+            f"falls to or below the direct baseline's mean {name} over the same seeds / {fraction}"
+        )
+    else:
+        rule = f"reaches {fraction} x the direct baseline's mean {name} over the same seeds"
     return (
         f"d_int{round(fraction * 100)}: the smallest subspace dimension d at which the mean "
-        f"{metric.replace('_', ' ')} over seeds (final epoch) reaches {fraction} x the direct "
-        f"baseline's mean {metric.replace('_', ' ')} over the same seeds; interpolated linearly "
-        "in log(d) between the last grid point below the threshold and the first at or above "
-        "it; null if no grid point reaches it."
+        f"{name} over seeds (final epoch) {rule}; interpolated linearly in log(d) between the "
+        "last grid point below the threshold and the first at or above it. A run that is not "
+        "finite or diverged never reaches the threshold and is never interpolated. If the "
+        "first grid point already reaches the threshold, no grid point does, or the point "
+        "before the first reaching one is not finite, d_int is null and the result is censored: "
+        "d_int_upper_bound and/or d_int_lower_bound bound it."
     )
+
+
+def run_value(record: dict, metric: str) -> float:
+    """``record[metric]`` as a float; NaN if it is not finite (JSON null) or the run diverged."""
+    return np.nan if record.get("diverged", False) else finite(record.get(metric))
+
+
+def describe_estimate(summary: dict) -> str:
+    """``612``, ``<= 100 (censored)``, ``> 1000 (censored: not reached)`` or ``not reached``."""
+    if summary["d_int"] is not None:
+        return f"{summary['d_int']:,.0f}"
+    up, low = summary.get("d_int_upper_bound"), summary.get("d_int_lower_bound")
+    if up is not None and low is not None:
+        return f"in ({low:,}, {up:,}] (censored)"
+    if up is not None:
+        return f"<= {up:,} (censored)"
+    if low is not None:
+        return f"> {low:,} (censored: not reached)"
+    return "not reached"
 
 
 def summarize_sweep(
@@ -188,11 +211,66 @@ def summarize_sweep(
     fraction: float = 0.9,
     metric: str = "val_accuracy",
 ) -> dict:
-    """d_int (interpolated) and the per-d means from the records of a sweep."""
-    baseline = float(np.mean([r[metric] for r in baseline_records]))
+    """d_int (interpolated) or its bound, and the per-d means, from the records of a sweep.
+
+    ``metric`` decides the direction (a loss reaches the threshold ``baseline / fraction``
+    from above). Non-finite and diverged runs make their d's mean non-finite: it never
+    reaches the threshold and is never interpolated; they are listed in ``non_finite_runs``.
+
+    Returns:
+      ``{"baseline_accuracy", "threshold", "fraction", "metric", "dims", "mean_accuracy",
+      "d_int", "censored", "d_int_upper_bound", "d_int_lower_bound", "non_monotone",
+      "non_finite_runs", "notes", "definition"}`` (``baseline_accuracy`` and ``mean_accuracy``
+      hold ``metric``, whatever it is).
+    """
+    base_values = np.array([run_value(r, metric) for r in baseline_records])
+    baseline = float(np.mean(base_values))
     dims = sorted({int(r["dim"]) for r in records if int(r["dim"]) > 0})
-    means = [float(np.mean([r[metric] for r in records if int(r["dim"]) == d])) for d in dims]
-    target = fraction * baseline
+    means = [
+        float(np.mean([run_value(r, metric) for r in records if int(r["dim"]) == d])) for d in dims
+    ]
+    target = target_value(baseline, fraction, metric)
+    notes = []
+    if np.isfinite(baseline):
+        mean_margins = margins(means, baseline, fraction, metric)
+        est = grid_estimate(dims, mean_margins)
+        odd = non_monotone_dims(dims, mean_margins)
+    else:
+        est = grid_estimate([], [])
+        odd = []
+        notes.append("the baseline is not finite (a run diverged): there is no threshold")
+    bad = [
+        {"dim": int(r["dim"]), "seed": int(r["seed"]), "diverged": bool(r.get("diverged", False))}
+        for r in [*baseline_records, *records]
+        if not np.isfinite(run_value(r, metric))
+    ]
+    if bad:
+        notes.append(
+            "non-finite or diverged runs (never reach the threshold, never interpolated): "
+            + ", ".join(
+                f"d = {b['dim']} seed {b['seed']}{' (diverged)' if b['diverged'] else ''}"
+                for b in bad
+            )
+        )
+    if est["d_int_upper_bound"] is not None and est["d_int_lower_bound"] is None:
+        notes.append(
+            f"censored: the first grid point d = {dims[0]} already reaches the threshold, so "
+            f"d_int <= {dims[0]} (add smaller d to measure it)"
+        )
+    elif est["d_int_upper_bound"] is None and est["d_int_lower_bound"] is not None:
+        notes.append(
+            f"censored: no grid point reaches the threshold, d_int > {est['d_int_lower_bound']}"
+        )
+    elif est["censored"]:
+        notes.append(
+            "censored: the grid point before the first reaching one is not finite, so "
+            f"{est['d_int_lower_bound']} < d_int <= {est['d_int_upper_bound']}"
+        )
+    if odd:
+        notes.append(
+            f"the mean curve is not monotone: it reaches the threshold at d = "
+            f"{', '.join(map(str, odd))} but misses it at a larger d; d_int is the first crossing"
+        )
     return {
         "baseline_accuracy": baseline,
         "threshold": target,
@@ -200,9 +278,23 @@ def summarize_sweep(
         "metric": metric,
         "dims": dims,
         "mean_accuracy": means,
-        "d_int": interpolate_crossing(dims, means, target),
+        **est,
+        "non_monotone": bool(odd),
+        "non_finite_runs": bad,
+        "notes": notes,
         "definition": sweep_definition(fraction, metric),
     }
+
+
+def check_sweep_baseline(baseline_runs: Sequence[dict], metric: str) -> None:
+    """Raise before training the grid when a baseline seed diverged or is not finite."""
+    bad = [int(r["seed"]) for r in baseline_runs if not np.isfinite(run_value(r, metric))]
+    if bad:
+        what = "diverged" if any(r.get("diverged") for r in baseline_runs) else "is not finite"
+        raise ValueError(
+            f"the baseline (direct training, d = 0) {what} for seed(s) {bad}, so there is no "
+            "threshold to reach: lower the learning rate (--lr) and rerun"
+        )
 
 
 def run_sweep(
@@ -211,16 +303,25 @@ def run_sweep(
     out_dir: str | Path,
     *,
     fraction: float = 0.9,
+    metric: str = "val_accuracy",
     progress: Callable[[dict], None] | None = None,
 ) -> dict:
     """The full sweep: baseline (d = 0) and every d, for ``base.seeds``; writes the plot.
 
     Returns:
-      ``{"baseline": {...}, "runs": [...], "d_int90": number|None, "definition": str, ...}``;
-      ``d_int90`` holds the crossing at ``fraction`` (0.9 unless changed).
+      ``{"baseline": {...}, "runs": [...], "d_int90": number|None, "censored": bool,
+      "d_int_upper_bound", "d_int_lower_bound", "non_monotone", "non_finite_runs", "notes",
+      "definition": str, ...}``; ``d_int90`` holds the crossing at ``fraction`` (0.9 unless
+      changed), null when censored.
+
+    Raises:
+      ValueError: a bad argument, or a baseline seed that diverged or is not finite (before
+        the grid is trained).
     """
     if not 0 < fraction <= 1:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if metric not in ("val_accuracy", "val_loss"):
+        raise ValueError(f"metric must be one of val_accuracy, val_loss, got {metric!r}")
     dims = sorted({int(d) for d in dims})
     if not dims or dims[0] < 1:
         raise ValueError(f"sweep dims must be integers >= 1, got {dims}")
@@ -228,26 +329,33 @@ def run_sweep(
     seeds = list(base.seeds)
     data = load_data(base)
     baseline_runs = run_dims(base, [0], seeds, out_dir, data=data, progress=progress)
+    check_sweep_baseline(baseline_runs, metric)
     runs = run_dims(base, dims, seeds, out_dir, data=data, progress=progress)
-    summary = summarize_sweep(baseline_runs, runs, fraction=fraction)
-    d_int = summary["d_int"]
+    summary = summarize_sweep(baseline_runs, runs, fraction=fraction, metric=metric)
     plot = _results.plot_accuracy_vs_dim(
         out_dir / "sweep.png",
         runs,
         baseline=summary["baseline_accuracy"],
-        fraction=fraction,
-        d_int=d_int,
+        fraction=1 / fraction if lower_is_better(metric) else fraction,
+        d_int=summary["d_int"],
+        metric=metric,
         title=f"{base.model} on {base.dataset}, {base.projection} projection",
     )
+    keys = ("censored", "d_int_upper_bound", "d_int_lower_bound", "non_monotone")
     return {
         "baseline": {
-            "val_accuracy": summary["baseline_accuracy"],
+            "val_accuracy": float(np.mean([run_value(r, "val_accuracy") for r in baseline_runs])),
+            "value": summary["baseline_accuracy"],
             "num_params": baseline_runs[0]["num_params"],
             "runs": baseline_runs,
         },
         "runs": runs,
-        "d_int90": d_int,
+        "d_int90": summary["d_int"],
+        **{k: summary[k] for k in keys},
+        "non_finite_runs": summary["non_finite_runs"],
+        "notes": summary["notes"],
         "fraction": fraction,
+        "metric": metric,
         "threshold": summary["threshold"],
         "dims": summary["dims"],
         "mean_accuracy": summary["mean_accuracy"],

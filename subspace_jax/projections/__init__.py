@@ -23,6 +23,7 @@ from subspace_jax.projections._base import (
     register,
 )
 from subspace_jax.projections._dense import DenseState, gaussian_matrix
+from subspace_jax.projections._fastfood import fastfood
 from subspace_jax.projections._sparse import SPARSE_VARIANTS
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "check_sizes",
     "choose_projection",
     "default_learning_rate",
+    "fastfood",
     "gaussian_matrix",
     "get_projection",
     "linear_map",

@@ -95,8 +95,9 @@ def _orthogonal_matrix(key, D, d):
     matrix, _ = gaussian_matrix(key, D, d)
     q, r = jnp.linalg.qr(matrix, mode="reduced")
     # Fix the signs so that Q is the unique QR factor with a positive diagonal of R: Haar
-    # distributed, and deterministic across LAPACK implementations.
-    return q * jnp.sign(jnp.diagonal(r))[None, :]
+    # distributed, and deterministic across LAPACK implementations. (A zero diagonal, possible
+    # only for a rank-deficient draw, keeps its column instead of zeroing it as sign(0) would.)
+    return q * jnp.where(jnp.diagonal(r) < 0, -1.0, 1.0)[None, :]
 
 
 def _init_orthogonal(key, D, d):

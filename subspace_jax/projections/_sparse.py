@@ -8,7 +8,12 @@ without ever forming the dense matrix. Each column holds at most ``K = ceil(Dp +
 + 10)`` non-zeros (a static size, so the construction is jittable and vmappable); a column that
 would need more (probability below 1e-9) is truncated. Unused slots hold the value 0.
 
-The expected squared column norm is ``D p v^2``.
+The expected squared column norm is ``D p v^2``. No column is ever all zero: a column that
+draws no non-zero (probability ``(1 - p)^D``, 2.2% for ``sparse_very`` at ``D = 10``) gets one
+entry at a uniformly random row, and the values are scaled by
+``c = sqrt(D p / (D p + (1 - p)^D))`` to keep that expected norm (``c = 1`` in float32 for all
+but tiny ``D``, e.g. ``D >= 400`` for ``sparse_very``). Per-leaf subspaces on small leaves (a
+10-element bias) would otherwise leave some of their dimensions untrained.
 
 ===================  ===================  ==========================  ===================
 name                 density p            value v                     E||column||
@@ -48,15 +53,35 @@ def max_nnz_per_column(D: int, p: float) -> int:
     return int(min(D, math.ceil(mean + 6.0 * math.sqrt(mean * (1.0 - p)) + 10)))
 
 
+def empty_column_scale(D: int, p: float) -> float:
+    """``c = sqrt(D p / (D p + (1 - p)^D))``: the value scale keeping ``E||column||^2 = D p v^2``.
+
+    A column with no non-zero (probability ``(1 - p)^D``) gets one entry of size ``v``, which
+    adds ``(1 - p)^D v^2`` to the expected squared norm; scaling every value by ``c`` removes it.
+    ``c = 1`` in float32 once ``(1 - p)^D < 1e-8`` (e.g. ``sparse_very`` for ``D >= 400``).
+    """
+    if p >= 1.0:
+        return 1.0
+    mean = D * p
+    return math.sqrt(mean / (mean + (1.0 - p) ** D))
+
+
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4, 5))
 def sparse_columns(key, D: int, d: int, p: float, value: float, signed: bool):
     """Draw the non-zeros of a sparse ``(D, d)`` matrix column by column.
+
+    Positions: i.i.d. Bernoulli(p) per entry, from geometric gaps (``jax.random.geometric``
+    maps its uniform ``u = 0`` to 1, so ``log u`` is finite and every gap is ``>= 1``). A column
+    left with no non-zero gets one at a uniformly random row with a random sign, in its first
+    slot; all values are scaled by :func:`empty_column_scale` so the expected squared column
+    norm stays ``D p v^2``. So no column is ever zero, even for tiny per-leaf groups.
 
     Returns:
       ``(rows, cols, vals)``, each of shape ``(d * K,)``: row index (int32), column index
       (int32) and value (float32; 0 in unused slots, whose row index is 0).
     """
     K = max_nnz_per_column(D, p)
+    value = value * empty_column_scale(D, p)
     k_gap, k_sign = jax.random.split(key)
     if p >= 1.0:
         gaps = jnp.ones((d, K), jnp.int32)
@@ -68,6 +93,15 @@ def sparse_columns(key, D: int, d: int, p: float, value: float, signed: bool):
         sign = jnp.where(jax.random.bernoulli(k_sign, 0.5, (d, K)), 1.0, -1.0)
     else:
         sign = jnp.ones((d, K), jnp.float32)
+    # Empty columns: one entry at a uniform row (the modulo bias is below D / 2^32).
+    fill = jax.random.bits(jax.random.fold_in(key, 2), (2, d), jnp.uint32)
+    fill_row = (fill[0] % jnp.uint32(D)).astype(jnp.int32)
+    fill_sign = jnp.where(fill[1] >> 31 == 0, 1.0, -1.0) if signed else jnp.ones((d,))
+    empty = ~jnp.any(valid, axis=1)
+    first = (jnp.arange(K) == 0)[None, :] & empty[:, None]
+    valid = valid | first
+    pos = jnp.where(first, fill_row[:, None], pos)
+    sign = jnp.where(first, fill_sign[:, None], sign)
     vals = jnp.where(valid, sign * value, 0.0).astype(jnp.float32)
     rows = jnp.where(valid, pos, 0).astype(jnp.int32)
     cols = jnp.broadcast_to(jnp.arange(d, dtype=jnp.int32)[:, None], (d, K))
