@@ -122,14 +122,6 @@ _positive_int = _int_at_least(1)
 _nonneg_int = _int_at_least(0)
 
 
-def _fraction(text: str) -> float:
-    """An argparse type: a number in ``(0, 1]``."""
-    v = _finite_float(text)
-    if not 0 < v <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {text!r}")
-    return v
-
-
 def _int_in(lo: int, hi: int):
     """An argparse type: an integer in ``lo..hi``."""
     at_least = _int_at_least(lo)
@@ -564,6 +556,11 @@ def _report_divergence(result: dict, *, retry: bool) -> bool:
     return False
 
 
+def _check_fraction(fraction: float) -> None:
+    if not 0 < fraction <= 1:
+        raise CLIError(f"fraction must be in (0, 1], got {fraction}")
+
+
 def _lock_out(stack: contextlib.ExitStack, args) -> None:
     """Hold the lock on ``--out`` for the rest of the command, and repair a torn
     ``runs.jsonl`` (an interrupted append) under it."""
@@ -590,6 +587,7 @@ def cmd_sweep(args) -> int:
     )
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by sweep: name one projection")
+    _check_fraction(args.fraction)
     config = config_from_args(args, dim=0)
     out = Path(args.out)
     progress = ProgressPrinter(quiet=args.quiet)
@@ -630,6 +628,7 @@ def cmd_id(args) -> int:
     check_outputs({"--json": args.json}, {"--out": (args.out, [RUNS_FILE, ID_JSON, ID_PLOT])})
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by id: name one projection")
+    _check_fraction(args.fraction)
     if args.baseline == "own":
         baseline = "own"
     else:
@@ -910,7 +909,7 @@ def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
     """``--fraction``, ``--out`` and ``--json`` of the commands that find d_int."""
     p.add_argument(
         "--fraction",
-        type=_fraction,
+        type=_positive_float,
         default=0.9,
         help="threshold as a fraction of the baseline (default 0.9: d_int90)",
     )

@@ -100,7 +100,10 @@ def test_nan_seed_in_a_loss_search_is_listed_stored_and_reused(tmp_path, monkeyp
         again = search_intrinsic_dim(config(), tmp_path, which=which, write=False, **kw)
         assert again["d_int_upper_bound"] == 512 and again["non_finite_runs"][0]["dim"] == 431
     assert len(trainer.trained()) == n_trained  # all reused
-    acc = search_intrinsic_dim(config(), tmp_path, which="best", n_bootstrap=0, write=False)
+    # The same (stand-in) data: the runs' key holds the data's fingerprint.
+    acc = search_intrinsic_dim(
+        config(), tmp_path, which="best", n_bootstrap=0, write=False, data=object()
+    )
     assert acc["num_training_runs"]["reused"] >= 9 and acc["d_int"] is not None
 
 

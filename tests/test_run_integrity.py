@@ -165,6 +165,8 @@ def _other_value(name, value):
         "burn_in_steps": 2,
         "said": True,
         "lottery_every": 3,
+        "on_divergence": "retry",
+        "max_retries": 5,
     }
     return changes[name]
 
@@ -429,7 +431,8 @@ def test_runs_jsonl_has_ordinary_permissions(tmp_path):
         (["train", "--seeds", "0-99999999999"], "more than 10000 values"),
         (["sweep", "--dims", "1-99999999999"], "more than 10000 values"),
         (["train", "--data-seed", "99999999999999999999999"], "too big for a PRNG seed"),
-        (["sweep", "--dims", "4", "--fraction", "2"], "must be in (0, 1]"),
+        (["sweep", "--dims", "4", "--fraction", "2"], "fraction must be in (0, 1]"),
+        (["id", "--fraction", "1.5"], "fraction must be in (0, 1]"),
         (["id", "--bootstrap", "99999999999999"], "must be <= 1000000"),
         (["bench", "--dims", "4", "--dim-caps", "dense=-5"], "a cap must be >= 1"),
     ],
