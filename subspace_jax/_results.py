@@ -1,17 +1,17 @@
-"""Writing results: atomic JSON, append-only JSON lines, CSV, and the PNG plots.
+"""Writing results: atomic JSON, append-only JSON lines, and the PNG plots.
 
-One small module writes every file, so the commands never lose results: JSON is written to a
+Public under the name :mod:`subspace_jax.results` (for experiments/ and benchmarks/). One small
+module writes every file, so the commands never lose results: JSON is written to a
 temporary file and renamed, and each finished run is appended to a ``.jsonl`` file at once.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -72,17 +72,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
-
-
-def write_csv(path: str | os.PathLike, rows: Iterable[dict], columns: Sequence[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(_clean(row))
-    return path
 
 
 def _pyplot():

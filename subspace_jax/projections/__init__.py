@@ -11,6 +11,7 @@ from subspace_jax.projections._auto import choose_projection
 from subspace_jax.projections._base import (
     LR_KNEE,
     LR_RULE,
+    SUBSPACE_BASE_LR,
     Projection,
     as_matrix,
     check_sizes,
@@ -31,6 +32,7 @@ __all__ = [
     "DenseState",
     "Projection",
     "SPARSE_VARIANTS",
+    "SUBSPACE_BASE_LR",
     "as_matrix",
     "check_sizes",
     "choose_projection",
