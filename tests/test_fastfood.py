@@ -30,6 +30,8 @@ CASES = (
     + [("orthogonal_hadamard", D, d) for D, d in [(1, 1), (64, 64), (300, 300), (1000, 300)]]
     + [("fastfood_per_block_signs", D, d) for D, d in [(50, 1), (1000, 300)]]
 )
+#: The fast tier keeps the small cases (d = 1, D <= 50; a few seconds to compile each size).
+CASES = [c if c[2] == 1 else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
 REGISTERED = ["fastfood", "orthogonal_hadamard"]
 
 
@@ -67,7 +69,9 @@ def _vec(seed, n):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 64, 128, 512, 1 << 13])
+@pytest.mark.parametrize(
+    "n", [1, 2, 4, 8, 64, 128, 512, pytest.param(1 << 13, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("matmul_last", [False, True])
 def test_fwht_matches_dense_hadamard(n, matmul_last):
     x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
@@ -151,6 +155,7 @@ def test_hand_written_transpose_equals_autodiff_transpose(name):
     np.testing.assert_allclose(np.asarray(mine), np.asarray(auto), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REGISTERED)
 def test_grad_is_transpose_and_vmap_over_keys_equals_loop(name):
     proj = PROJECTIONS[name]
@@ -212,6 +217,7 @@ def test_fastfood_sizes_and_state_layout():
     assert shared.signs.shape == (1, n)
 
 
+@pytest.mark.slow
 def test_fastfood_unit_expected_column_norm():
     """E||P e_j||^2 = 1: the mean squared column norm over columns and keys is 1 within 2%.
 
@@ -242,7 +248,9 @@ def test_fastfood_columns_nearly_orthogonal_and_spread():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("D,d", [(1000, 300), (5000, 50), (300, 300), (64, 64)])
+@pytest.mark.parametrize(
+    "D,d", [(1000, 300), pytest.param(5000, 50, marks=pytest.mark.slow), (300, 300), (64, 64)]
+)
 def test_orthogonal_hadamard_exactly_orthonormal(D, d):
     proj = PROJECTIONS["orthogonal_hadamard"]
     P = _matrix(proj, D, D, d)

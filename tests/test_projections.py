@@ -10,9 +10,13 @@ from subspace_jax import projections as pj
 
 NAMES = pj.projection_names()
 D, d = 2000, 40
+#: Projections whose registry-wide tests run in the fast tier (the default and the ones
+#: ``auto`` picks); the others compile for several seconds each and run in the slow tier.
+FAST_TIER = ("dense", "fastfood", "sparse")
+PARAMS = [n if n in FAST_TIER else pytest.param(n, marks=pytest.mark.slow) for n in NAMES]
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(scope="module", params=PARAMS)
 def built(request):
     """(projection, state, float64 P built in numpy from the state) for the module's sizes.
 
@@ -153,6 +157,7 @@ def test_init_rejects_bad_sizes():
             proj.init(jax.random.key(0), 100, 2.5)
 
 
+@pytest.mark.slow
 def test_orthogonal_has_orthonormal_columns():
     proj = pj.get_projection("orthogonal")
     P = np.asarray(pj.as_matrix(proj, proj.init(jax.random.key(3), 500, 120), 120))
@@ -177,6 +182,7 @@ def test_dense_columns_exactly_unit_and_unnormalised_entries_have_variance_1_ove
     assert abs(U.mean()) < 4 * np.sqrt(1 / 50 / U.size)
 
 
+@pytest.mark.slow
 def test_dense_block_generation_is_independent_of_how_it_is_called():
     """The blocked generator gives the same matrix jitted, eager-in-vmap and across calls."""
     key = jax.random.key(4)
@@ -186,6 +192,7 @@ def test_dense_block_generation_is_independent_of_how_it_is_called():
     np.testing.assert_allclose(np.asarray(sa), np.sum(np.asarray(a, np.float64) ** 2, 0), rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(pj.SPARSE_VARIANTS))
 def test_sparse_density_and_values(name):
     density, value, signed, _ = pj.SPARSE_VARIANTS[name]
