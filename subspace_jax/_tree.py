@@ -103,7 +103,10 @@ def flatten(tree: PyTree) -> tuple[jax.Array, FlatSpec]:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros((0,), jnp.float32), spec
-    flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+    # The leaves' common dtype by JAX's standard rules, cast explicitly (as strict mode wants).
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*leaves)
+    flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
     return flat, spec
 
 

@@ -47,7 +47,11 @@ def _clear_regen_caches():
 SMALL_BLOCK = 391
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(
+    scope="module",
+    # dense_regen compiles its blocked generator for several seconds: slow tier.
+    params=[pytest.param("dense_regen", marks=pytest.mark.slow), "dense_hash"],
+)
 def built(request):
     """(name, projection, key, state, materialised P, reference P in float64)."""
     name = request.param

@@ -23,7 +23,11 @@ def _reference(key, D, d):
     return np.asarray(bcoo.todense(), np.float64)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(
+    scope="module",
+    # The fast tier checks "sparse" (the row-sorted code); the other formats are slow-tier.
+    params=[n if n == "sparse" else pytest.param(n, marks=pytest.mark.slow) for n in NAMES],
+)
 def built(request):
     proj = pj.get_projection(request.param)
     key = jax.random.key(5)
@@ -85,6 +89,7 @@ def test_row_sorted_format_is_sorted():
     assert np.array_equal(order, np.arange(rows.size))
 
 
+@pytest.mark.slow
 def test_small_sizes_and_state_bytes():
     for name in NAMES[:3]:  # "sparse" runs the csr code
         proj = pj.get_projection(name)
