@@ -15,6 +15,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 
 def _clean(obj: Any) -> Any:
     """Make ``obj`` strict-JSON: NaN/inf become None, numpy scalars plain numbers."""
@@ -75,6 +77,11 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
 
 
 def _pyplot():
+    """pyplot with the file-only Agg backend.
+
+    Imported here, on the first plot, not at module level: the backend must be chosen before
+    pyplot is imported, and commands that draw nothing skip matplotlib's import time.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -96,8 +103,6 @@ def plot_accuracy_vs_dim(
 ) -> Path:
     """Accuracy vs d (log x axis): each seed as a dot, the mean as a line, the baseline solid
     and ``fraction * baseline`` dotted, as in Li et al. 2018 Figs. 1-4 and the seed report."""
-    import numpy as np
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     dims = sorted({int(r["dim"]) for r in runs if int(r["dim"]) > 0})
