@@ -16,10 +16,17 @@ from subspace_jax._subspace import (
     init_subspace,
     init_trainable,
     make_layout,
+    split_collections,
     to_params,
 )
 from subspace_jax._tree import FlatSpec, LeafSpec, flatten, leaf_specs, unflatten
-from subspace_jax.projections import Projection, get_projection, projection_names
+from subspace_jax.projections import (
+    Projection,
+    get_projection,
+    make_projection,
+    projection_names,
+    register,
+)
 
 __version__ = "0.1.0"
 
@@ -40,8 +47,11 @@ __all__ = [
     "init_trainable",
     "leaf_specs",
     "make_layout",
+    "make_projection",
     "projection_names",
     "projections",
+    "register",
+    "split_collections",
     "to_params",
     "unflatten",
 ]

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from subspace_jax._results import atomic_write
 from subspace_jax._tree import path_to_str
 
 PyTree = Any
@@ -49,18 +50,17 @@ def save_params(path: str | Path, params: PyTree) -> Path:
       params: a pytree of arrays, e.g. Flax ``{"params": {...}}``.
 
     Returns:
-      The path written.
+      The path written (atomically: a temporary file beside it, renamed when complete).
     """
     path = Path(path)
     suffix = _suffix(path)
     params = jax.device_get(params)
-    if suffix == ".msgpack":
-        path.write_bytes(serialization.to_bytes(params))
-    else:
-        with_path, _ = jax.tree_util.tree_flatten_with_path(params)
-        arrays = {path_to_str(p): np.asarray(leaf) for p, leaf in with_path}
-        with open(path, "wb") as f:
-            np.savez(f, **arrays)
+    with atomic_write(path, "wb") as f:  # never a partly written checkpoint at ``path``
+        if suffix == ".msgpack":
+            f.write(serialization.to_bytes(params))
+        else:
+            with_path, _ = jax.tree_util.tree_flatten_with_path(params)
+            np.savez(f, **{path_to_str(p): np.asarray(leaf) for p, leaf in with_path})
     return path
 
 

@@ -1,17 +1,21 @@
 """Writing results: atomic JSON, append-only JSON lines, and the PNG plots.
 
 Public under the name :mod:`subspace_jax.results` (for experiments/ and benchmarks/). One small
-module writes every file, so the commands never lose results: JSON is written to a
-temporary file and renamed, and each finished run is appended to a ``.jsonl`` file at once.
+module writes every file, so the commands never lose results: JSON and plots are written to a
+temporary file in the destination's folder, flushed to disk and renamed over the destination
+(:func:`atomic_write`), so a reader sees the old file or the new one, never a half-written one;
+each finished run is appended to a ``.jsonl`` file at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Sequence
+import secrets
+import stat
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,15 +35,81 @@ def _clean(obj: Any) -> Any:
     return obj
 
 
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename in ``folder`` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, mode: str = "w", **open_kwargs) -> Iterator[Any]:
+    """Open a temporary file beside ``path``; on success flush, fsync and rename it to ``path``.
+
+    The temporary file (``.NAME.<random>.tmp`` in the same folder, so the rename is atomic) is
+    created with mode ``0o666`` less the umask, as ``open`` would (0644 under the usual umask
+    022); if ``path`` already exists its permission bits are kept. If the body raises, or the
+    rename fails (``path`` is a directory, say), the temporary file is removed and ``path`` is
+    left as it was. The parent folder must exist.
+
+    Args:
+      path: the destination.
+      mode: a writing mode of :func:`open` (``"w"``, ``"wb"``, ``"w+b"``, ...).
+      **open_kwargs: passed to :func:`open` (``newline=""`` for CSV, ...).
+
+    Yields:
+      The open temporary file.
+
+    Example:
+      >>> with atomic_write("out.json") as f:
+      ...     f.write("{}\n")
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"cannot write {str(path)!r}: it is a directory")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(
+            f"cannot write {str(path)!r}: the folder {str(path.parent)!r} does not exist"
+        )
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    if "+" in mode:
+        flags = (flags & ~os.O_WRONLY) | os.O_RDWR
+    while True:
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            fd = os.open(tmp, flags, 0o666)  # the umask applies, as for open()
+            break
+        except FileExistsError:
+            continue
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.fchmod(fd, stat.S_IMODE(os.stat(path).st_mode))
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    """Write ``obj`` as indented JSON atomically (temporary file + rename)."""
+    """Write ``obj`` as indented JSON atomically (:func:`atomic_write`)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
+    with atomic_write(path) as f:
         json.dump(_clean(obj), f, indent=2)
         f.write("\n")
-    os.replace(tmp, path)
     return path
 
 
@@ -74,6 +144,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return out
+
+
+def _save_figure(fig, path: str | os.PathLike) -> None:
+    """``fig.savefig`` through :func:`atomic_write` (the format from the suffix, PNG if none)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format=path.suffix.lstrip(".").lower() or "png")
 
 
 def _pyplot():
@@ -140,11 +218,9 @@ def plot_accuracy_vs_dim(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
-    return path
+    return Path(path)
 
 
 def plot_lines(
@@ -172,8 +248,6 @@ def plot_lines(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
+    _save_figure(fig, path)
     plt.close(fig)
-    return path
+    return Path(path)

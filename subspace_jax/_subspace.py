@@ -9,6 +9,13 @@ The trainable variables are a small dict ``{"w": (d,), "direct": (leaf, ...)}``:
 concatenation of every group's coordinates, ``direct`` the leaves trained directly (empty unless
 some leaves are labelled ``"direct"``). Only they are differentiated and updated by optax.
 
+Flax variables: given ``model.init(...)`` with collections besides ``"params"`` (e.g.
+``{"params": ..., "batch_stats": ...}``), only ``"params"`` is projected (``collections=`` picks
+others); the other collections are kept apart in :attr:`Subspace.other_collections`, never
+projected or trained, and :func:`to_params` returns the full variables with them as given
+(pass the updated ones, e.g. the ``batch_stats`` that ``model.apply(..., mutable=[...])``
+returned, as its ``collections`` argument).
+
 SAID (structure-aware intrinsic dimension, Aghajanyan et al. 2021): with ``said=True`` each
 projected leaf i gets one learned scale, ``theta_i = theta0_i + lambda_i * (P w)_i``, and the
 trainable dict gains ``"said": (m,)`` (m = number of projected leaves, in flatten order),
@@ -31,15 +38,17 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import struct
+from flax.core import FrozenDict
 
 from subspace_jax._tree import FlatSpec, label_leaves, leaf_specs
-from subspace_jax.projections import get_projection
+from subspace_jax.projections import Projection, get_projection
 
 PyTree = Any
 LABELS = ("project", "frozen", "direct")
@@ -53,14 +62,15 @@ class Group(NamedTuple):
       size: D_g, their total number of elements.
       dim: d_g, the group's subspace dimension.
       offset: where the group's coordinates start in ``w``.
-      projection: registry name of its projection.
+      projection: registry name of its projection, or the :class:`Projection` itself when it
+        was given as an object that is not the registered one of its name.
     """
 
     leaves: tuple[int, ...]
     size: int
     dim: int
     offset: int
-    projection: str
+    projection: str | Projection
 
 
 class Layout(NamedTuple):
@@ -71,12 +81,16 @@ class Layout(NamedTuple):
       groups: one :class:`Group` per projection.
       labels: one label a leaf (``LABELS``).
       said: one learned scale per projected leaf (SAID); see the module docstring.
+      collections: the top-level collections (keys) of the variables that ``spec`` covers,
+        in order, when the variables have others (kept in
+        :attr:`Subspace.other_collections`); None when ``spec`` covers the whole tree.
     """
 
     spec: FlatSpec
     groups: tuple[Group, ...]
     labels: tuple[str, ...]
     said: bool = False
+    collections: tuple[str, ...] | None = None
 
     @property
     def dim(self) -> int:
@@ -115,14 +129,18 @@ class Subspace:
     """A random subspace of a parameter tree.
 
     Attributes:
-      theta0: the frozen initial parameters (the model's own initialisation).
+      theta0: the frozen initial parameters (the model's own initialisation); with Flax
+        variables, the projected collections only (``{"params": ...}``).
       proj_states: one projection state per group.
       layout: static :class:`Layout`.
+      other_collections: the variables' collections that are not projected (e.g.
+        ``{"batch_stats": ...}``) as given at initialisation; empty for a plain parameter tree.
     """
 
     theta0: PyTree
     proj_states: tuple
     layout: Layout = struct.field(pytree_node=False)
+    other_collections: dict = struct.field(default_factory=dict)
 
     @property
     def dim(self) -> int:
@@ -176,88 +194,223 @@ def allocate_dims(sizes: list[int], dim: int) -> list[int]:
     return alloc
 
 
+def split_collections(
+    variables: PyTree, collections: str | Sequence[str] | None = "auto"
+) -> tuple[PyTree, dict, tuple[str, ...] | None]:
+    """Split Flax variables into the collections to project and the others.
+
+    Args:
+      variables: a parameter tree, or Flax variables ``{"params": ..., "batch_stats": ...}``.
+      collections: the top-level keys to project; ``"auto"`` (default) means ``("params",)``
+        when ``variables`` is a mapping with ``"params"`` and other keys, else the whole tree;
+        None means the whole tree.
+
+    Returns:
+      ``(projected, others, names)``: the tree to project (with its top-level keys, so leaf
+      paths stay ``"params/..."``), the other collections as a dict, and the projected
+      collections' names (None when the whole tree is projected).
+
+    Raises:
+      ValueError: a named collection is not in ``variables``, or ``variables`` is not a
+        mapping while collections are named.
+    """
+    if isinstance(collections, str) and collections == "auto":
+        if not (isinstance(variables, Mapping) and "params" in variables and len(variables) > 1):
+            return variables, {}, None
+        collections = ("params",)
+    if collections is None:
+        return variables, {}, None
+    names = (collections,) if isinstance(collections, str) else tuple(collections)
+    if not isinstance(variables, Mapping):
+        raise ValueError(
+            f"collections={names!r} needs Flax variables (a mapping of collections), got "
+            f"{type(variables).__name__}"
+        )
+    unknown = [n for n in names if n not in variables]
+    if unknown or not names:
+        raise ValueError(
+            f"collections {unknown or list(names)!r} not in the variables; their collections "
+            f"are {list(variables)}"
+        )
+    if set(names) == set(variables):
+        return variables, {}, None
+    projected = {k: v for k, v in variables.items() if k in names}
+    others = {k: v for k, v in variables.items() if k not in names}
+    if isinstance(variables, FrozenDict):
+        projected = FrozenDict(projected)
+    return projected, others, tuple(k for k in variables if k in names)
+
+
+def _check_dim(dim: Any, dims: Mapping[str, Any] | None) -> int | None:
+    """``dim`` as an int (None with ``dims``); exactly one of them must be given."""
+    if dims is not None:
+        if dim is not None:
+            raise ValueError(
+                f"pass either dim (the total d, split over leaves) or dims (d per leaf), not "
+                f"both; got dim = {dim!r} and dims"
+            )
+        if not isinstance(dims, Mapping):
+            raise ValueError(f"dims must be a mapping {{leaf_path: d}}, got {dims!r}")
+        return None
+    if dim is None:
+        raise ValueError("give the subspace dimension dim (or per-leaf dims=...)")
+    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+        raise ValueError(f"dim must be an integer >= 0, got {dim!r}")
+    if dim < 0:
+        raise ValueError(f"dim must be >= 0 (0 = direct training), got {dim}")
+    return int(dim)
+
+
+def _leaf_labels(
+    theta0: PyTree,
+    spec: FlatSpec,
+    dim: int | None,
+    labels: Callable[[str, Any], str] | Mapping[str, str] | None,
+) -> list[str]:
+    """One label a leaf (``LABELS``): all ``"direct"`` for ``dim = 0``, else from ``labels``."""
+    if isinstance(labels, Mapping):
+        unknown = set(labels) - set(spec.paths)
+        if unknown:
+            raise ValueError(
+                f"labels names unknown leaves {sorted(unknown)}; leaves are {list(spec.paths)}"
+            )
+    elif labels is not None and not callable(labels):
+        raise ValueError(
+            f"labels must be a mapping {{path: label}} or fn(path, leaf), got {labels!r}"
+        )
+    if dim == 0:
+        return ["direct"] * len(spec.leaves)
+    if labels is None:
+        return ["project"] * len(spec.leaves)
+    leaf_labels = label_leaves(theta0, labels)
+    for leaf, lab in zip(spec.leaves, leaf_labels, strict=True):
+        if lab not in LABELS:
+            raise ValueError(f"leaf {leaf.path!r} has label {lab!r}; allowed: {', '.join(LABELS)}")
+    return leaf_labels
+
+
+def _said_dim(dim: int | None, num_projected: int, per_leaf: bool) -> int | None:
+    """The length of ``w`` under SAID: ``d - m`` (the paper's ``theta^{d-m}``)."""
+    m = num_projected
+    if not m:
+        raise ValueError("said=True needs projected leaves (got dim = 0 or none labelled)")
+    if dim is None:  # explicit dims: the scales come on top
+        return None
+    if dim <= m:
+        raise ValueError(
+            f"SAID needs d > number of projected leaves (m = {m}): d counts the m "
+            f"scales and w gets d - m coordinates; got d = {dim}"
+        )
+    if per_leaf and dim - m < m:
+        raise ValueError(
+            f"per-leaf SAID needs d >= 2 m = {2 * m} (m scales plus one coordinate "
+            f"of w per leaf), got d = {dim}"
+        )
+    return dim - m
+
+
+def _explicit_dims(spec: FlatSpec, projected: list[int], dims: Mapping[str, Any]) -> list[int]:
+    """The per-leaf dimensions of ``dims``, checked: known paths, every projected leaf, ints."""
+    unknown = set(dims) - set(spec.paths)
+    if unknown:
+        raise ValueError(
+            f"dims names unknown leaves {sorted(unknown)}; leaves are {list(spec.paths)}"
+        )
+    missing = {spec.leaves[i].path for i in projected} - set(dims)
+    if missing:
+        raise ValueError(f"dims gives no dimension for projected leaves {sorted(missing)}")
+    out = []
+    for i in projected:
+        path = spec.leaves[i].path
+        d_i = dims[path]
+        if isinstance(d_i, bool) or not isinstance(d_i, (int, np.integer)):
+            raise ValueError(f"dims[{path!r}] must be an integer >= 1, got {d_i!r}")
+        out.append(int(d_i))
+    return out
+
+
+def _leaf_dims(
+    spec: FlatSpec,
+    projected: list[int],
+    dim: int | None,
+    per_leaf: bool,
+    dims: Mapping[str, Any] | None,
+) -> list[int] | None:
+    """Each projected leaf's d_i (explicit ``dims`` or ``dim`` split by size), None if global."""
+    if dims is not None:
+        return _explicit_dims(spec, projected, dims)
+    if not per_leaf:
+        return None
+    return allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
+
+
+def _groups(
+    spec: FlatSpec,
+    projected: list[int],
+    dim: int | None,
+    leaf_dims: list[int] | None,
+    projection: str | Projection,
+) -> tuple[Group, ...]:
+    """One group a leaf (``leaf_dims`` given) or one group over every projected leaf."""
+    proj = get_projection(projection)
+    name = _group_projection(projection)
+    if not projected:
+        return ()
+    if leaf_dims is None:
+        size = sum(spec.leaves[i].size for i in projected)
+        _check_group_dim(proj, "all projected leaves", size, dim)
+        return (Group(tuple(projected), size, dim, 0, name),)
+    groups = []
+    offset = 0
+    for i, d_i in zip(projected, leaf_dims, strict=True):
+        leaf = spec.leaves[i]
+        _check_group_dim(proj, leaf.path, leaf.size, d_i)
+        groups.append(Group((i,), leaf.size, d_i, offset, name))
+        offset += d_i
+    return tuple(groups)
+
+
+def _group_projection(projection: str | Projection) -> str | Projection:
+    """What a :class:`Group` records: the name, unless the object is not the registered one."""
+    if isinstance(projection, str):
+        return projection
+    try:
+        registered = get_projection(projection.name)
+    except ValueError:
+        return projection
+    return projection.name if registered is projection else projection
+
+
 def make_layout(
     theta0: PyTree,
-    dim: int,
+    dim: int | None = None,
     *,
-    projection: str = "dense",
+    projection: str | Projection = "dense",
     per_leaf: bool = False,
     dims: Mapping[str, int] | None = None,
     labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
     said: bool = False,
+    collections: str | Sequence[str] | None = "auto",
 ) -> Layout:
     """Compute the static layout of a subspace, validating every input.
 
-    Arguments as for :func:`init_subspace`.
+    Arguments as for :func:`init_subspace` (``theta0`` may hold ``jax.ShapeDtypeStruct``s).
     """
-    if isinstance(dim, bool) or not isinstance(dim, int):
-        raise ValueError(f"dim must be an integer >= 0, got {dim!r}")
-    if dim < 0:
-        raise ValueError(f"dim must be >= 0 (0 = direct training), got {dim}")
-    spec = leaf_specs(theta0)
+    dim = _check_dim(dim, dims)
+    params, _, names = split_collections(theta0, collections)
+    spec = leaf_specs(params)
     if not spec.leaves:
         raise ValueError("the parameter tree has no leaves")
-    proj = get_projection(projection)
-    if dim == 0 and dims is None:
-        leaf_labels = ["direct"] * len(spec.leaves)
-    elif labels is None:
-        leaf_labels = ["project"] * len(spec.leaves)
-    else:
-        leaf_labels = label_leaves(theta0, labels)
-    for leaf, lab in zip(spec.leaves, leaf_labels, strict=True):
-        if lab not in LABELS:
-            raise ValueError(f"leaf {leaf.path!r} has label {lab!r}; allowed: {', '.join(LABELS)}")
+    get_projection(projection)  # an unknown name fails here, before anything else
+    leaf_labels = _leaf_labels(params, spec, dim, labels)
     projected = [i for i, lab in enumerate(leaf_labels) if lab == "project"]
+    if dim and not projected:
+        raise ValueError(f"dim = {dim} but no leaf is labelled 'project' (use dim = 0)")
     if said:
-        if not projected:
-            raise ValueError("said=True needs projected leaves (got dim = 0 or none labelled)")
-        if dims is None:
-            # The paper's convention: d counts the m scales, w gets the remaining d - m.
-            m = len(projected)
-            if dim <= m:
-                raise ValueError(
-                    f"SAID needs d > number of projected leaves (m = {m}): d counts the m "
-                    f"scales and w gets d - m coordinates; got d = {dim}"
-                )
-            if per_leaf and dim - m < m:
-                raise ValueError(
-                    f"per-leaf SAID needs d >= 2 m = {2 * m} (m scales plus one coordinate "
-                    f"of w per leaf), got d = {dim}"
-                )
-            dim = dim - m
-
-    if dims is not None:
-        per_leaf = True
-        known = {spec.leaves[i].path for i in projected}
-        unknown = set(dims) - {leaf.path for leaf in spec.leaves}
-        if unknown:
-            raise ValueError(
-                f"dims names unknown leaves {sorted(unknown)}; leaves are {list(spec.paths)}"
-            )
-        missing = known - set(dims)
-        if missing:
-            raise ValueError(f"dims gives no dimension for projected leaves {sorted(missing)}")
-        leaf_dims = [int(dims[spec.leaves[i].path]) for i in projected]
-    elif per_leaf:
-        leaf_dims = (
-            allocate_dims([spec.leaves[i].size for i in projected], dim) if projected else []
-        )
-    if projected and not per_leaf and dim == 0:
-        raise ValueError("dim must be >= 1 when some leaves are projected")
-
-    groups = []
-    offset = 0
-    if per_leaf:
-        for i, d_i in zip(projected, leaf_dims, strict=True):
-            leaf = spec.leaves[i]
-            _check_group_dim(proj, leaf.path, leaf.size, d_i)
-            groups.append(Group((i,), leaf.size, d_i, offset, projection))
-            offset += d_i
-    elif projected:
-        size = sum(spec.leaves[i].size for i in projected)
-        _check_group_dim(proj, "all projected leaves", size, dim)
-        groups.append(Group(tuple(projected), size, dim, 0, projection))
-    return Layout(spec, tuple(groups), tuple(leaf_labels), bool(said))
+        dim = _said_dim(dim, len(projected), per_leaf)
+    leaf_dims = _leaf_dims(spec, projected, dim, per_leaf, dims)
+    groups = _groups(spec, projected, dim, leaf_dims, projection)
+    return Layout(spec, groups, tuple(leaf_labels), bool(said), names)
 
 
 def _check_group_dim(proj, what: str, size: int, d: int) -> None:
@@ -272,33 +425,47 @@ def _check_group_dim(proj, what: str, size: int, d: int) -> None:
 def init_subspace(
     key: jax.Array,
     theta0: PyTree,
-    dim: int,
+    dim: int | None = None,
     *,
-    projection: str = "dense",
+    projection: str | Projection = "dense",
     per_leaf: bool = False,
     dims: Mapping[str, int] | None = None,
     labels: Callable[[str, Any], str] | Mapping[str, str] | None = None,
     said: bool = False,
+    collections: str | Sequence[str] | None = "auto",
 ) -> Subspace:
     """Draw a random subspace through ``theta0``.
 
     Args:
       key: PRNG key for the projections (group g uses ``fold_in(key, g)``).
-      theta0: the initial parameter pytree (floating-point leaves), e.g. ``model.init(...)``.
-      dim: total subspace dimension d; ``0`` means direct training of every leaf.
-      projection: registry name (see :func:`subspace_jax.projections.projection_names`).
+      theta0: the initial parameters, e.g. ``model.init(...)``: a pytree of floating-point
+        arrays, or Flax variables with other collections (see ``collections``). Leaves must be
+        arrays: partition an equinox module first (``eqx.partition(model, eqx.is_array)``), and
+        pass the ``state`` of ``nnx.split(model)`` for flax nnx.
+      dim: total subspace dimension d; ``0`` means direct training of every leaf. Give either
+        ``dim`` or ``dims``.
+      projection: a registry name (see :func:`subspace_jax.projections.projection_names`) or
+        a :class:`~subspace_jax.projections.Projection` (e.g. ``fastfood(shared_signs=False)``
+        or one from :func:`~subspace_jax.projections.make_projection`).
       per_leaf: one projection per leaf, d split in proportion to leaf size (each >= 1).
-      dims: explicit per-leaf dimensions ``{leaf_path: d_i}`` (implies ``per_leaf``).
+      dims: explicit per-leaf dimensions ``{leaf_path: d_i}`` (implies ``per_leaf``; every
+        projected leaf needs one).
       labels: ``fn(path, leaf) -> label`` or ``{path: label}`` with labels ``"project"``
-        (default), ``"frozen"`` (kept at theta0) or ``"direct"`` (trained directly).
+        (default), ``"frozen"`` (kept at theta0) or ``"direct"`` (trained directly); a
+        mapping's paths must be leaves of ``theta0``.
       said: SAID, one learned scale per projected leaf; ``dim`` then counts the scales
         (``w`` has ``dim - m`` entries; with explicit ``dims`` the scales come on top).
+      collections: which top-level collections of Flax variables to project. ``"auto"``
+        (default): ``"params"`` when the variables have other collections (``batch_stats``,
+        ``cache``, ...), which then pass through :func:`to_params` untouched; None: the whole
+        tree.
 
     Returns:
       A :class:`Subspace`. Works under ``jax.vmap`` over ``key`` (and ``theta0``).
 
     Raises:
-      ValueError: bad dimensions, unknown projection or leaf names, non-float leaves.
+      ValueError: bad dimensions, unknown projection, leaf or collection names, non-float or
+        non-array leaves, ``dim`` together with ``dims``.
     """
     layout = make_layout(
         theta0,
@@ -308,17 +475,22 @@ def init_subspace(
         dims=dims,
         labels=labels,
         said=said,
+        collections=collections,
     )
     return init_from_layout(key, theta0, layout)
 
 
 def init_from_layout(key: jax.Array, theta0: PyTree, layout: Layout) -> Subspace:
     """Draw the projections of an already validated :class:`Layout`."""
+    if layout.collections is None:
+        params, others = theta0, {}
+    else:
+        params, others, _ = split_collections(theta0, layout.collections)
     states = tuple(
         get_projection(g.projection).init(jax.random.fold_in(key, gi), g.size, g.dim)
         for gi, g in enumerate(layout.groups)
     )
-    return Subspace(theta0=theta0, proj_states=states, layout=layout)
+    return Subspace(theta0=params, proj_states=states, layout=layout, other_collections=others)
 
 
 def init_trainable(sub: Subspace) -> dict:
@@ -337,7 +509,46 @@ def init_trainable(sub: Subspace) -> dict:
     return trainable
 
 
-def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
+def _check_float(what: str, x: Any, shape: tuple[int, ...]) -> None:
+    if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+        raise ValueError(f"{what} must be an array of shape {shape}, got {type(x).__name__}")
+    if tuple(x.shape) != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{what} must be floating point, got dtype {x.dtype}")
+
+
+def _check_trainable(layout: Layout, trainable: Any) -> dict:
+    """``trainable`` as a dict, its structure, shapes and dtypes checked against ``layout``."""
+    if not isinstance(trainable, Mapping):
+        trainable = {"w": trainable, "direct": ()}
+    allowed = {"w", "direct"} | ({"said"} if layout.said else set())
+    extra = set(trainable) - allowed
+    if extra or "w" not in trainable:
+        raise ValueError(
+            f"trainable must be w or a dict with keys {sorted(allowed)} (from init_trainable); "
+            f"got keys {sorted(trainable)}"
+        )
+    _check_float("w", trainable["w"], (layout.dim,))
+    if layout.said and trainable.get("said") is not None:
+        _check_float("said", trainable["said"], (layout.num_scales,))
+    direct = trainable.get("direct", ())
+    want = layout.direct_leaves
+    if not isinstance(direct, (tuple, list)) or len(direct) != len(want):
+        n = len(direct) if isinstance(direct, (tuple, list)) else type(direct).__name__
+        raise ValueError(
+            f"trainable['direct'] must be a tuple of the {len(want)} directly trained leaves "
+            f"(from init_trainable), got {n}"
+        )
+    for x, i in zip(direct, want, strict=True):
+        leaf = layout.spec.leaves[i]
+        _check_float(f"direct leaf {leaf.path!r}", x, leaf.shape)
+    return trainable
+
+
+def to_params(
+    sub: Subspace, trainable: dict | jax.Array, collections: Mapping[str, PyTree] | None = None
+) -> PyTree:
     """The full parameter tree ``theta0 + P w`` (pure, jittable, differentiable in ``trainable``).
 
     With SAID, leaf i is ``theta0_i + said[k_i] * (P w)_i`` (scales of one when ``trainable``
@@ -346,20 +557,24 @@ def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
     Args:
       sub: the :class:`Subspace`.
       trainable: ``{"w": (d,), "direct": (...)}`` (plus ``"said": (m,)`` for SAID) from
-        :func:`init_trainable`, or just ``w``.
+        :func:`init_trainable`, or just ``w``. Its structure, shapes and dtypes (floating) are
+        checked.
+      collections: for Flax variables with collections that are not projected, their current
+        values (e.g. ``{"batch_stats": new_stats}`` as ``model.apply(..., mutable=...)``
+        returned them); the ones not given are those of :attr:`Subspace.other_collections`.
 
     Returns:
-      A pytree with the structure of ``theta0``.
+      A pytree with the structure of ``theta0``, or the full Flax variables (projected and
+      other collections) when ``theta0`` had other collections.
+
+    Raises:
+      ValueError: a trainable of the wrong structure, shape or dtype; ``collections`` naming a
+        collection that is projected or unknown.
     """
     layout = sub.layout
-    if not isinstance(trainable, dict):
-        trainable = {"w": trainable, "direct": ()}
+    trainable = _check_trainable(layout, trainable)
     w = trainable["w"]
-    if w.shape != (layout.dim,):
-        raise ValueError(f"w must have shape ({layout.dim},), got {w.shape}")
     scales = trainable.get("said") if layout.said else None
-    if scales is not None and scales.shape != (layout.num_scales,):
-        raise ValueError(f"said must have shape ({layout.num_scales},), got {scales.shape}")
     scale_of = {leaf: k for k, leaf in enumerate(layout.said_leaves)}
     leaves = list(jax.tree_util.tree_leaves(sub.theta0))
     for g, state in zip(layout.groups, sub.proj_states, strict=True):
@@ -376,7 +591,26 @@ def to_params(sub: Subspace, trainable: dict | jax.Array) -> PyTree:
     direct = trainable.get("direct", ())
     for j, i in enumerate(layout.direct_leaves):
         leaves[i] = direct[j]
-    return jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
+    params = jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
+    return _with_other_collections(sub, params, collections)
+
+
+def _with_other_collections(
+    sub: Subspace, params: PyTree, collections: Mapping[str, PyTree] | None
+) -> PyTree:
+    others = dict(sub.other_collections)
+    if collections:
+        unknown = set(collections) - set(others)
+        if unknown:
+            raise ValueError(
+                f"collections {sorted(unknown)} are not pass-through collections of this "
+                f"subspace; those are {sorted(others)} (the projected ones come from trainable)"
+            )
+        others.update(collections)
+    if not others:
+        return params
+    merged = {**params, **others}
+    return FrozenDict(merged) if isinstance(params, FrozenDict) else merged
 
 
 class NonFiniteStateError(ValueError):
@@ -410,7 +644,8 @@ def check_finite(sub: Subspace, seeds=None) -> None:
     batched = seeds is not None
     parts = [("theta0 (the model's initial parameters)", sub.theta0)] + [
         (
-            f"the {g.projection!r} projection state of group {gi} (D = {g.size:,}, d = {g.dim:,})",
+            f"the {getattr(g.projection, 'name', g.projection)!r} projection state of group "
+            f"{gi} (D = {g.size:,}, d = {g.dim:,})",
             state,
         )
         for gi, (g, state) in enumerate(zip(sub.layout.groups, sub.proj_states, strict=True))

@@ -65,13 +65,21 @@ def leaf_specs(tree: PyTree) -> FlatSpec:
     """Compute the :class:`FlatSpec` of ``tree``.
 
     Raises:
-      ValueError: if a leaf is not a floating-point array (only real floats can be trained).
+      ValueError: if a leaf is not an array (e.g. a function or an equinox module's static
+        field) or not floating point (only real floats can be trained).
     """
     with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
     specs = []
     offset = 0
     for path, leaf in with_path:
         name = path_to_str(path)
+        if not _is_array_like(leaf):
+            raise ValueError(
+                f"parameter leaf {name!r} is a {type(leaf).__name__}, not an array: pass only "
+                "the arrays (equinox: params, static = eqx.partition(model, eqx.is_array), or "
+                "eqx.filter(model, eqx.is_inexact_array); flax nnx: graphdef, state = "
+                "nnx.split(model))"
+            )
         dtype = jnp.result_type(leaf)
         if not jnp.issubdtype(dtype, jnp.floating):
             raise ValueError(
@@ -83,6 +91,13 @@ def leaf_specs(tree: PyTree) -> FlatSpec:
         specs.append(LeafSpec(name, shape, str(np.dtype(dtype)), offset, size))
         offset += size
     return FlatSpec(treedef, tuple(specs))
+
+
+def _is_array_like(x: Any) -> bool:
+    """An array, a ``jax.ShapeDtypeStruct`` or a number (not a function, a module, ...)."""
+    if isinstance(x, (int, float, complex, np.generic)) and not isinstance(x, bool):
+        return True
+    return hasattr(x, "shape") and hasattr(x, "dtype")
 
 
 def flatten(tree: PyTree) -> tuple[jax.Array, FlatSpec]:

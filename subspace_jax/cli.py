@@ -10,10 +10,13 @@ import argparse
 import math
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 EXIT_BAD_INPUT = 2
+#: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
+EXIT_DIVERGED = 3
 
 
 class CLIError(ValueError):
@@ -167,6 +170,25 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
 
 
+def _add_divergence_args(p: argparse.ArgumentParser) -> None:
+    """``--on-divergence`` and ``--max-retries``: what to do with a seed that diverged."""
+    from subspace_jax.train import ON_DIVERGENCE, RETRY_LR_FACTOR
+
+    p.add_argument(
+        "--on-divergence",
+        default="stop",
+        choices=ON_DIVERGENCE,
+        help="a seed whose loss or parameters become non-finite stops there (stop, default) "
+        f"or is trained again from scratch with the learning rate / {RETRY_LR_FACTOR:g} (retry)",
+    )
+    p.add_argument(
+        "--max-retries",
+        type=_nonneg_int,
+        default=2,
+        help="with --on-divergence retry: retries per diverged seed (default 2)",
+    )
+
+
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
     """Build a validated :class:`TrainConfig` from parsed arguments."""
     from subspace_jax.data import DATASETS
@@ -204,6 +226,8 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         max_steps=args.max_steps,
         data_seed=args.data_seed,
         model_overrides=overrides,
+        on_divergence=getattr(args, "on_divergence", "stop"),
+        max_retries=getattr(args, "max_retries", 2),
     )
     validate_config(config)
     return config
@@ -261,8 +285,16 @@ class ProgressPrinter:
             if self.tty:
                 self.stream.write("\r" + " " * 70 + "\r")
             self.stream.write(
-                f"  epoch {event['epoch']:3d}  train loss {event['train_loss']:.4f}  "
-                f"val acc {event['val_accuracy']:.4f}  ({elapsed:.1f}s)\n"
+                f"  epoch {event['epoch']:3d}  train loss {_fmt(event['train_loss'])}  "
+                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)\n"
+            )
+            self.stream.flush()
+        elif kind == "diverged":
+            if self.tty:
+                self.stream.write("\r" + " " * 70 + "\r")
+            self.stream.write(
+                f"  seed {event['seed']} diverged at step {event['step']} (learning rate "
+                f"{event['learning_rate']:g}): it stops updating there\n"
             )
             self.stream.flush()
         elif kind == "run_start":
@@ -270,13 +302,18 @@ class ProgressPrinter:
             self.stream.flush()
         elif kind == "run_end":
             self.stream.write(
-                f"d = {event['dim']} done: mean val acc {event['val_accuracy']:.4f} "
+                f"d = {event['dim']} done: mean val acc {_fmt(event['val_accuracy'])} "
                 f"in {event['wall_time_s']:.1f}s\n"
             )
             self.stream.flush()
         elif kind == "message":
             self.stream.write(event["text"] + "\n")
             self.stream.flush()
+
+
+def _fmt(value: float | None) -> str:
+    """A mean over seeds: None (every seed diverged) prints as ``n/a``."""
+    return "n/a" if value is None else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------ commands
@@ -293,9 +330,19 @@ def cmd_train(args) -> int:
         f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
         file=sys.stderr,
     )
+    status = 0
     if args.save_compressed:
         result, trained = train_and_evaluate(config, progress=progress, return_state=True)
-        _save_compressed(args.save_compressed, result, trained)
+        saved = result["per_seed"][0]
+        if saved["diverged"]:
+            print(
+                f"error: not saving {args.save_compressed}: seed {saved['seed']} (the one "
+                f"--save-compressed saves) diverged at step {saved['diverged_step']}",
+                file=sys.stderr,
+            )
+            status = EXIT_DIVERGED
+        else:
+            _save_compressed(args.save_compressed, result, trained)
     else:
         result = train_and_evaluate(config, progress=progress)
     out = Path(args.out) if args.out else None
@@ -305,12 +352,40 @@ def cmd_train(args) -> int:
         _results.write_json(args.json, result)
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
-        f"val acc {result['val_accuracy']:.4f} (best {result['best_val_accuracy']:.4f})  "
-        f"test acc {result['test_accuracy']:.4f}  step {result['step_time_ms']:.2f} ms  "
+        f"val acc {_fmt(result['val_accuracy'])} (best {_fmt(result['best_val_accuracy'])})  "
+        f"test acc {_fmt(result['test_accuracy'])}  step {result['step_time_ms']:.2f} ms  "
         f"peak mem {result['peak_memory_bytes'] / 2**20:.0f} MiB  "
         f"wall {result['wall_time_s']:.1f}s"
     )
-    return 0
+    if _report_divergence(result, retry=config.on_divergence == "retry"):
+        status = EXIT_DIVERGED
+    return status
+
+
+def _report_divergence(result: dict, *, retry: bool) -> bool:
+    """Print each diverged or retried seed on stderr; True when every seed diverged."""
+    for s in result["per_seed"]:
+        if s["diverged"]:
+            hint = f"a lower --lr (e.g. {s['learning_rate'] / 10:g})"
+            if not retry:
+                hint += " or --on-divergence retry"
+            print(
+                f"warning: seed {s['seed']} diverged at step {s['diverged_step']} (learning "
+                f"rate {s['learning_rate']:g}): its loss or parameters became non-finite, so "
+                "it stopped updating there; its accuracies are those of its last finite state "
+                f"and are left out of the means. Try {hint}",
+                file=sys.stderr,
+            )
+        elif s["retries"]:
+            print(
+                f"note: seed {s['seed']} diverged and was trained again from scratch "
+                f"{s['retries']} time(s); it finished at learning rate {s['learning_rate']:g}",
+                file=sys.stderr,
+            )
+    if result["per_seed"] and all(s["diverged"] for s in result["per_seed"]):
+        print("error: every seed diverged: lower the learning rate (--lr)", file=sys.stderr)
+        return True
+    return False
 
 
 def cmd_sweep(args) -> int:
@@ -499,15 +574,14 @@ def cmd_evaluate(args) -> int:
 
     if args.data_dir is not None and not Path(args.data_dir).is_dir():
         raise CLIError(f"--data-dir {args.data_dir!r} is not a directory")
-    result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    # The loader's warnings (another platform, a file without digest) as one line each.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = evaluate_compressed(args.compressed, dataset=args.dataset, data_dir=args.data_dir)
+    for w in caught:
+        print(f"warning: {w.message}", file=sys.stderr)
     if args.json:
         _results.write_json(args.json, result)
-    if not result["params_match"]:
-        print(
-            "warning: the rebuilt parameters differ from the saved ones (another platform or "
-            "JAX version)",
-            file=sys.stderr,
-        )
     print(
         f"D = {result['num_params']}  d = {result['dim']}  file {result['file_bytes']} bytes  "
         f"test acc {result['test_accuracy']:.4f}  test loss {result['test_loss']:.4f}  "
@@ -647,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", parents=[common], help="train one model (direct or in a subspace)")
     _add_run_args(p)
     _add_kind_args(p)
+    _add_divergence_args(p)
     p.add_argument("--out", default=None, help="folder for result.json")
     p.add_argument("--json", default=None, help="write the result JSON to this file")
     p.set_defaults(func=cmd_train)
@@ -666,6 +741,7 @@ def build_parser() -> argparse.ArgumentParser:
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     p.add_argument("--dims", required=True, help="e.g. '100,200,400,800'")
     p.add_argument(
         "--metric",
@@ -689,6 +765,7 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     _add_run_args(p, dim=False)
+    _add_divergence_args(p)
     # Three seeds for the interval; Fastfood: O(D log d) per step where dense costs O(D d).
     p.set_defaults(seeds="0,1,2", projection="fastfood")
     _add_search_outputs(p, "id")

@@ -7,14 +7,15 @@ both derived from one seed: ``k_model, k_proj = jax.random.split(jax.random.key(
 ``w`` are enough to rebuild every one of the model's D parameters, bit for bit on the same
 platform (same JAX version and PRNG settings, same backend).
 
-File format (one ``.npz``, written without pickle):
+File format (one ``.npz``, written without pickle; docs/compressed-format.md has the details):
 
 * ``header``: UTF-8 JSON as a ``uint8`` array: ``format``, ``version``, the ``seed`` and its
-  ``key_rule``, the PRNG settings, the ``projection`` spec (name, per-layer, SAID, the groups'
-  leaves and sizes), ``model_config`` (:attr:`~subspace_jax.models.ModelDef.config`),
-  ``train_config`` (:meth:`~subspace_jax.train.TrainConfig.to_dict`), ``input_shape``,
-  ``theta0_reproducible``, ``projection_reproducible``, the arrays ``stored``, ``notes``, and
-  ``params_sha256`` (a digest of the trained parameters, checked on load).
+  ``key_rule``, the PRNG settings, the ``platform`` it was saved on, the ``projection`` spec
+  (name, per-layer, SAID, the groups' leaves and sizes), ``model_config``
+  (:attr:`~subspace_jax.models.ModelDef.config`), ``train_config``
+  (:meth:`~subspace_jax.train.TrainConfig.to_dict`), ``input_shape``, ``theta0_reproducible``,
+  ``projection_reproducible``, the arrays ``stored``, ``notes``, and ``params_sha256`` (a
+  digest of the trained parameters, checked on load).
 * ``w``: float32 ``(d,)``; ``said``: float32 ``(m,)`` for SAID; ``direct_<j>``: directly
   trained leaves, if any.
 * Only when they cannot be regenerated from the key: ``theta0_<j>`` (one per leaf: theta0 came
@@ -22,6 +23,19 @@ File format (one ``.npz``, written without pickle):
   projection state: a lottery subspace, whose P comes from a training trajectory). Such a file
   is no longer small (theta0 costs 4 D bytes, a lottery P 4 D d bytes), so
   :func:`save_compressed` refuses to write it unless ``allow_stored=True``.
+* The zip comment, the file's last 71 bytes: ``sha256:`` and the hex SHA-256 of every byte
+  before the last 64 (so of the header, the arrays and the zip structure).
+
+Files are written atomically (a temporary file beside the destination, fsync, rename), so the
+destination holds the old file or the complete new one, never a part. Loading checks, in this
+order, the file digest, the header's fields, that every stored array is finite, and the
+rebuilt parameters against ``params_sha256``; whatever fails is one
+:class:`CompressedModelError` naming the file. Rebuilt parameters that are not bit-equal are
+measured against ``params_probe`` (random projections of the saved parameters, which estimate
+the relative distance ``||theta - theta_saved|| / ||theta_saved||``): rounding (at most
+:data:`PROBE_TOLERANCE`) is a warning, which names the platform fields that differ from the
+file's (JAX and jaxlib versions, backend, device, CPU, PRNG settings) if any; anything larger
+is another model, an error.
 
 Whether theta0 and P are reproducible is not taken on trust: :func:`save_compressed`
 regenerates them from the key exactly as :func:`load_compressed` will and compares them bit for
@@ -39,8 +53,12 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import hmac
 import json
+import os
+import platform
 import warnings
+import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -50,6 +68,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from subspace_jax._checkpoint import load_params, save_params
+from subspace_jax._results import atomic_write
 from subspace_jax._subspace import Layout, Subspace, check_finite, init_from_layout, to_params
 from subspace_jax.models import from_config
 from subspace_jax.projections import get_projection
@@ -66,7 +85,21 @@ from subspace_jax.train import (
 PyTree = Any
 
 FORMAT = "subspace-jax-compressed"
-VERSION = 1
+VERSION = 2
+#: Versions this release reads. Version 1 (before file digests) is read with a warning.
+READABLE_VERSIONS = (1, 2)
+#: The zip comment is this prefix and 64 hex digits: the SHA-256 of the file's other bytes.
+DIGEST_PREFIX = b"sha256:"
+_DIGEST_HEX = 64
+_EOCD = b"PK\x05\x06"  # the zip end-of-central-directory record: 22 bytes, then the comment
+_EOCD_SIZE = 22
+#: ``params_probe``: this many random projections, drawn from this numpy seed, in blocks.
+PROBE_COUNT = 8
+PROBE_SEED = 0
+_PROBE_BLOCK = 1 << 20
+#: Rebuilt parameters within this relative distance of the saved ones differ by rounding only
+#: (another platform's summation order, TF32 matmuls); farther ones are another model.
+PROBE_TOLERANCE = 5e-3
 KEY_RULE = (
     "k_model, k_proj = jax.random.split(jax.random.key(seed)); theta0 = model.init(k_model); "
     "projection of group g = init(jax.random.fold_in(k_proj, g), D_g, d_g); computed as "
@@ -77,14 +110,21 @@ __all__ = [
     "FORMAT",
     "KEY_RULE",
     "VERSION",
+    "CompressedModelError",
     "compressed_size_report",
     "evaluate_compressed",
     "load_compressed",
     "load_params",
+    "params_probe",
     "save_compressed",
     "save_params",
     "train_config_from_dict",
 ]
+
+
+class CompressedModelError(ValueError):
+    """A compressed model that cannot be trusted: empty, truncated, unreadable, altered after
+    saving, incomplete or holding non-finite numbers. The message names the file."""
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -97,6 +137,38 @@ def _prng_settings() -> dict:
     }
 
 
+def _platform() -> dict:
+    """What the bit-exactness of the rebuilt parameters depends on, besides the PRNG."""
+    import jaxlib
+
+    from subspace_jax.bench import cpu_model_name
+
+    return {
+        "jax_version": jax.__version__,
+        "jaxlib_version": jaxlib.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": jax.devices()[0].device_kind,
+        "machine": platform.machine(),
+        "cpu": cpu_model_name(),
+    }
+
+
+def _platform_differences(header: Mapping[str, Any]) -> list[str]:
+    """``"name 'saved' -> 'now'"`` for each recorded platform field or PRNG setting that
+    differs (version 1 files record only ``jax_version`` and ``backend``)."""
+    saved = header.get("platform") or {
+        "jax_version": header["jax_version"],
+        "backend": header["backend"],
+    }
+    now = _platform()
+    out = [
+        f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(saved) if k in now and saved[k] != now[k]
+    ]
+    if header["prng"] != _prng_settings():
+        out.append(f"PRNG settings {header['prng']} -> {_prng_settings()}")
+    return out
+
+
 def params_digest(params: PyTree) -> str:
     """SHA-256 of a parameter tree's leaves (flatten order, native bytes, with shapes)."""
     h = hashlib.sha256()
@@ -105,6 +177,38 @@ def params_digest(params: PyTree) -> str:
         h.update(f"{arr.dtype.str}{arr.shape}".encode())
         h.update(np.ascontiguousarray(arr).tobytes())
     return h.hexdigest()
+
+
+def params_probe(params: PyTree) -> dict:
+    """Random projections of a parameter tree, to measure how far another tree is from it.
+
+    The leaves (flatten order) are read as one float64 vector ``theta`` of length D; row k of a
+    ``(PROBE_COUNT, D)`` standard normal matrix V is drawn by
+    ``numpy.random.default_rng(PROBE_SEED)``, block by block (each leaf in blocks of 2**20
+    entries, each block ``standard_normal((PROBE_COUNT, size))``). Since
+    ``E[(v . delta)^2] = ||delta||^2`` for a standard normal v,
+    ``sqrt(mean_k ((V theta)_k - (V theta')_k)^2)`` estimates ``||theta - theta'||``.
+
+    Returns:
+      ``{"values": V theta (PROBE_COUNT floats), "norm": ||theta||}``.
+    """
+    rng = np.random.default_rng(PROBE_SEED)
+    values = np.zeros(PROBE_COUNT)
+    sq = 0.0
+    for leaf in jax.tree_util.tree_leaves(params):
+        flat = np.asarray(jax.device_get(leaf), np.float64).ravel()
+        sq += float(flat @ flat)
+        for start in range(0, flat.size, _PROBE_BLOCK):
+            block = flat[start : start + _PROBE_BLOCK]
+            values += rng.standard_normal((PROBE_COUNT, block.size)) @ block
+    return {"values": [float(v) for v in values], "norm": float(np.sqrt(sq))}
+
+
+def _probe_distance(saved: Mapping[str, Any], params: PyTree) -> float:
+    """Estimated ``||params - saved|| / ||saved||`` from the saved :func:`params_probe`."""
+    now = params_probe(params)
+    diff = np.asarray(now["values"]) - np.asarray(saved["values"], np.float64)
+    return float(np.sqrt(np.mean(diff**2)) / max(float(saved["norm"]), np.finfo(float).tiny))
 
 
 def _trees_equal(a: PyTree, b: PyTree) -> bool:
@@ -217,6 +321,18 @@ def _layout_spec(layout: Layout) -> list[dict]:
 # ------------------------------------------------------------------------------ public API
 
 
+def _check_not_diverged(result_or_config, seed_index: int, seed: int) -> None:
+    """Refuse a seed that ``train_and_evaluate`` reported as diverged (not a usable model)."""
+    if not isinstance(result_or_config, Mapping) or "per_seed" not in result_or_config:
+        return
+    record = result_or_config["per_seed"][seed_index]
+    if record.get("diverged"):
+        raise ValueError(
+            f"seed {seed} diverged at step {record.get('diverged_step')}: a diverged model is "
+            "not saved; train it again with a lower learning rate"
+        )
+
+
 def save_compressed(
     path: str | Path,
     result_or_config: TrainConfig | Mapping[str, Any],
@@ -241,8 +357,9 @@ def save_compressed(
       The header written (a dict; see the module docstring).
 
     Raises:
-      ValueError: a direct run (``dim = 0``: nothing to compress), a bad ``seed_index``, or
-        theta0 / P not reproducible from the key while ``allow_stored`` is False.
+      ValueError: a direct run (``dim = 0``: nothing to compress), a bad ``seed_index``, a
+        seed the result reports as diverged, or theta0 / P not reproducible from the key
+        while ``allow_stored`` is False.
     """
     config = _config_of(result_or_config)
     if config.dim == 0:
@@ -256,6 +373,7 @@ def save_compressed(
     if not 0 <= seed_index < n:
         raise ValueError(f"seed_index must be in [0, {n - 1}] for {n} seeds, got {seed_index}")
     seed = int(config.seeds[seed_index])
+    _check_not_diverged(result_or_config, seed_index, seed)
     sub = jax.tree_util.tree_map(lambda x: x[seed_index], trained.subs)
     trainable = jax.tree_util.tree_map(lambda x: x[seed_index], trained.trainables)
     model_config = dict(trained.model.config)
@@ -313,6 +431,12 @@ def save_compressed(
         for g, state in enumerate(sub.proj_states):
             for k, leaf in enumerate(jax.tree_util.tree_leaves(state)):
                 arrays[f"proj_{g}_{k}"] = np.asarray(jax.device_get(leaf))
+    bad = _non_finite(arrays)
+    if bad:
+        raise ValueError(
+            f"seed {seed} has non-finite values in {', '.join(bad)} (the run diverged): "
+            f"{str(path)!r} was not written"
+        )
 
     params = _to_params(sub, trainable)
     header = {
@@ -324,6 +448,7 @@ def save_compressed(
         "prng": _prng_settings(),
         "jax_version": jax.__version__,
         "backend": jax.default_backend(),
+        "platform": _platform(),
         "projection": {
             "name": config.projection,
             "per_layer": bool(config.per_layer),
@@ -342,38 +467,217 @@ def save_compressed(
         "stored": sorted(arrays),
         "notes": notes,
         "params_sha256": params_digest(params),
+        "params_probe": params_probe(params),
     }
     if isinstance(result_or_config, Mapping) and "per_seed" in result_or_config:
         header["test_accuracy"] = result_or_config["per_seed"][seed_index].get("test_accuracy")
-    raw = np.frombuffer(json.dumps(header, sort_keys=True).encode("utf-8"), np.uint8)
-    with open(path, "wb") as f:
-        np.savez(f, header=raw, **arrays)
+    _write_archive(path, header, arrays)
     return header
 
 
-def _read(path: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+def _non_finite(arrays: Mapping[str, np.ndarray]) -> list[str]:
+    """Names of the floating-point arrays holding a NaN or an infinity, with their counts."""
+    out = []
+    for name in sorted(arrays):
+        a = arrays[name]
+        if np.issubdtype(a.dtype, np.inexact):
+            n = int(a.size - np.count_nonzero(np.isfinite(a)))
+            if n:
+                out.append(f"{name} ({n} of {a.size})")
+    return out
+
+
+def _write_archive(path: str | Path, header: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
+    """Write ``header`` and ``arrays`` as a digest-sealed ``.npz``, atomically.
+
+    The low-level writer behind :func:`save_compressed` (tests use it to build altered files
+    that still carry a valid digest). The archive is written to a temporary file beside
+    ``path``; its zip comment is set to ``sha256:`` and the hex SHA-256 of every byte before
+    those 64 digits; the file is fsynced and renamed to ``path``. On any failure ``path`` is
+    left as it was and the temporary file is removed.
+
+    Args:
+      path: the destination; its folder must exist.
+      header: the JSON header (stored as the ``uint8`` array ``header``).
+      arrays: the other arrays, by name.
+    """
+    raw = np.frombuffer(json.dumps(dict(header), sort_keys=True).encode("utf-8"), np.uint8)
+    with atomic_write(path, "w+b") as f:
+        np.savez(f, header=raw, **arrays)
+        with zipfile.ZipFile(f, "a") as zf:
+            zf.comment = DIGEST_PREFIX + b"0" * _DIGEST_HEX  # a placeholder of the final size
+        size = f.seek(0, os.SEEK_END)
+        digest = _sha256_of_prefix(f, size - _DIGEST_HEX)
+        f.seek(size - _DIGEST_HEX)
+        f.write(digest.encode("ascii"))
+
+
+def _sha256_of_prefix(f, n: int) -> str:
+    """Hex SHA-256 of the first ``n`` bytes of the open binary file ``f`` (moves its position)."""
+    h = hashlib.sha256()
+    f.seek(0)
+    left = n
+    while left > 0:
+        chunk = f.read(min(left, 1 << 20))
+        if not chunk:
+            raise EOFError("file shorter than expected")
+        h.update(chunk)
+        left -= len(chunk)
+    return h.hexdigest()
+
+
+def _check_digest(f, size: int, name: str) -> bool:
+    """Verify the file digest in the zip comment of the open file ``f`` of ``size`` bytes.
+
+    Returns:
+      True when the digest is present and matches; False for a complete zip archive without a
+      comment (a file written before digests, or by hand).
+
+    Raises:
+      CompressedModelError: a digest that does not match, or an end that is neither.
+    """
+    tail_len = _EOCD_SIZE + len(DIGEST_PREFIX) + _DIGEST_HEX
+    f.seek(max(0, size - tail_len))
+    tail = f.read()
+    if len(tail) >= _EOCD_SIZE and tail[-_EOCD_SIZE:][:4] == _EOCD and tail[-2:] == b"\0\0":
+        return False
+    comment_len = len(DIGEST_PREFIX) + _DIGEST_HEX
+    if (
+        len(tail) == tail_len
+        and tail[:4] == _EOCD
+        and int.from_bytes(tail[_EOCD_SIZE - 2 : _EOCD_SIZE], "little") == comment_len
+        and tail[_EOCD_SIZE:].startswith(DIGEST_PREFIX)
+    ):
+        stored = tail[-_DIGEST_HEX:]
+        actual = _sha256_of_prefix(f, size - _DIGEST_HEX).encode("ascii")
+        if not hmac.compare_digest(stored, actual):
+            raise CompressedModelError(
+                f"compressed model {name} is damaged or was altered after saving: its SHA-256 "
+                "does not match the digest stored in it"
+            )
+        return True
+    raise CompressedModelError(
+        f"compressed model {name} is incomplete or not a subspace-jax compressed model: it does "
+        "not end with a zip archive's end record and digest (a truncated or partly written file?)"
+    )
+
+
+#: Header fields every readable file has, with their JSON types.
+_HEADER_FIELDS = {
+    "seed": int,
+    "seed_index": int,
+    "key_rule": str,
+    "prng": dict,
+    "jax_version": str,
+    "backend": str,
+    "projection": dict,
+    "model_config": dict,
+    "train_config": dict,
+    "input_shape": list,
+    "num_params": int,
+    "theta0_reproducible": bool,
+    "projection_reproducible": bool,
+    "stored": list,
+    "notes": list,
+    "params_sha256": str,
+}
+_PROJECTION_FIELDS = {"groups": list, "dim": int}
+
+
+def _check_fields(header: Mapping[str, Any], fields: Mapping[str, type], name: str, where: str):
+    for key, kind in fields.items():
+        if key not in header:
+            raise CompressedModelError(f"compressed model {name}: the {where} lacks {key!r}")
+        value = header[key]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise CompressedModelError(
+                f"compressed model {name}: the {where}'s {key!r} is {type(value).__name__} "
+                f"{value!r:.60}, expected {kind.__name__}"
+            )
+
+
+def _read(path: str | Path) -> tuple[dict, dict[str, np.ndarray], bool]:
+    """The verified header and arrays of a compressed model, and whether it had a digest.
+
+    Raises:
+      FileNotFoundError: no such file.
+      CompressedModelError: anything wrong with the file (see the module docstring).
+    """
     path = Path(path)
+    name = repr(str(path))
+    if not path.exists():
+        raise FileNotFoundError(f"compressed model {name} does not exist")
     if not path.is_file():
-        raise FileNotFoundError(f"compressed model {str(path)!r} does not exist")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {k: z[k] for k in z.files}
-    except (OSError, ValueError) as e:
-        raise ValueError(f"cannot read {str(path)!r} as a compressed model (.npz): {e}") from None
+        raise CompressedModelError(f"compressed model {name} is not a file")
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        if size == 0:
+            raise CompressedModelError(
+                f"compressed model {name} is empty (0 bytes): an interrupted save? Save it again"
+            )
+        has_digest = _check_digest(f, size, name)
+        f.seek(0)
+        try:
+            z = np.load(f, allow_pickle=False)
+            if not isinstance(z, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with z:
+                arrays = {k: z[k] for k in z.files}
+        except Exception as e:  # any failure to parse these bytes is the file's fault
+            raise CompressedModelError(
+                f"cannot read compressed model {name} (.npz): {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}"
+            ) from None
     if "header" not in arrays:
-        raise ValueError(f"{str(path)!r} is not a subspace-jax compressed model (no header)")
+        raise CompressedModelError(f"{name} is not a subspace-jax compressed model (no header)")
     try:
         header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{str(path)!r} has a corrupt header: {e}") from None
-    if header.get("format") != FORMAT:
-        raise ValueError(f"{str(path)!r} is not a {FORMAT} file (format {header.get('format')!r})")
-    if header.get("version") != VERSION:
-        raise ValueError(
-            f"{str(path)!r} has format version {header.get('version')!r}; this subspace-jax "
-            f"reads version {VERSION}"
+        raise CompressedModelError(f"compressed model {name} has a corrupt header: {e}") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        fmt = header.get("format") if isinstance(header, dict) else None
+        raise CompressedModelError(f"{name} is not a {FORMAT} file (format {fmt!r})")
+    version = header.get("version")
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
+        raise CompressedModelError(
+            f"{name} has format version {version!r}; this subspace-jax reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
         )
-    return header, arrays
+    if version >= 2 and not has_digest:
+        raise CompressedModelError(
+            f"compressed model {name} has no digest (format version {version} files end with "
+            "one): it was rewritten by another tool or damaged; it cannot be verified"
+        )
+    _check_fields(header, _HEADER_FIELDS, name, "header")
+    _check_fields(header["projection"], _PROJECTION_FIELDS, name, "header's projection")
+    if version >= 2:
+        _check_fields(header, {"params_probe": dict}, name, "header")
+        probe = header["params_probe"]
+        _check_fields(probe, {"values": list, "norm": float}, name, "header's params_probe")
+        if len(probe["values"]) != PROBE_COUNT or not all(
+            isinstance(v, float) for v in probe["values"]
+        ):
+            raise CompressedModelError(
+                f"compressed model {name}: the header's params_probe values are not "
+                f"{PROBE_COUNT} numbers"
+            )
+    missing = sorted(set(header["stored"]) - set(arrays))
+    if missing:
+        raise CompressedModelError(f"compressed model {name} lacks the arrays {missing}")
+    bad = _non_finite(arrays)
+    if bad:
+        raise CompressedModelError(
+            f"compressed model {name} has non-finite values in {', '.join(bad)}: it was saved "
+            "from a diverged run"
+        )
+    if not has_digest:
+        warnings.warn(
+            f"{name} is a format version {version} file, written before file digests: only "
+            "the rebuilt parameters are checked (against its params_sha256)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return header, arrays, has_digest
 
 
 def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
@@ -389,38 +693,46 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     Returns:
       ``(params, info)``: ``params`` the model's variables ``{"params": {...}}``, identical bit
       for bit to the trained ones on the same platform; ``info`` the file's header plus
-      ``params_match`` (the rebuilt parameters' digest equals the stored one) and
+      ``params_match`` (the rebuilt parameters' digest equals the stored one),
+      ``params_distance`` (the estimated ``||theta - theta_saved|| / ||theta_saved||``: 0.0
+      when bit-equal, None when unknown), ``digest_verified`` (the file carried a digest and it
+      matched; False only for format version 1), ``platform_differences`` (strings such as
+      ``"jax_version '0.4.30' -> '0.4.31'"``; empty on the saving platform) and
       ``file_bytes``. Rebuild the model with
       ``subspace_jax.models.from_config(info["model_config"])``.
 
     Raises:
-      FileNotFoundError, ValueError: missing, unreadable or inconsistent file.
+      FileNotFoundError: no such file.
+      CompressedModelError: an empty, truncated or unreadable file, a digest mismatch, a
+        missing or mistyped header field or array, non-finite values, a header inconsistent
+        with this version, or rebuilt parameters that differ from the saved ones on the
+        platform the file was saved on.
 
     Warns:
-      RuntimeWarning: if the PRNG settings differ from the file's, or the rebuilt parameters do
-        not match the stored digest (another platform or JAX version: close, not bit-equal).
+      RuntimeWarning: the rebuilt parameters differ from the saved ones and the platform or
+        PRNG settings differ from the file's (close, not bit-equal); a version 1 file.
     """
-    header, arrays = _read(path)
-    config = train_config_from_dict(header["train_config"])
-    model = from_config(header["model_config"])
-    layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
+    header, arrays, has_digest = _read(path)
+    name = repr(str(path))
+    try:
+        config = train_config_from_dict(header["train_config"])
+        model = from_config(header["model_config"])
+        layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
+    except (KeyError, TypeError, ValueError) as e:
+        raise CompressedModelError(
+            f"compressed model {name}: its header's configs do not rebuild a model "
+            f"({type(e).__name__}: {e})"
+        ) from None
     if _layout_spec(layout) != header["projection"]["groups"]:
-        raise ValueError(
-            f"{str(path)!r}: the subspace layout rebuilt from the configs does not match the "
-            "file's projection groups (a file from another version?)"
-        )
-    if _prng_settings() != header["prng"]:
-        warnings.warn(
-            f"PRNG settings {_prng_settings()} differ from the file's {header['prng']}: the "
-            "regenerated theta0 and P will not match",
-            RuntimeWarning,
-            stacklevel=2,
+        raise CompressedModelError(
+            f"compressed model {name}: the subspace layout rebuilt from the configs does not "
+            "match the file's projection groups (a file from another version?)"
         )
 
-    def need(name):
-        if name not in arrays:
-            raise ValueError(f"{str(path)!r} lacks the array {name!r}")
-        return arrays[name]
+    def need(key):
+        if key not in arrays:
+            raise CompressedModelError(f"compressed model {name} lacks the array {key!r}")
+        return arrays[key]
 
     theta0 = None
     if not header["theta0_reproducible"]:
@@ -438,8 +750,9 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
             got = [jnp.asarray(need(f"proj_{g}_{k}")) for k in range(len(leaves))]
             for k, (t, a) in enumerate(zip(leaves, got, strict=True)):
                 if tuple(t.shape) != a.shape:
-                    raise ValueError(
-                        f"{str(path)!r}: proj_{g}_{k} has shape {a.shape}, expected {t.shape}"
+                    raise CompressedModelError(
+                        f"compressed model {name}: proj_{g}_{k} has shape {a.shape}, expected "
+                        f"{t.shape}"
                     )
             proj_states.append(jax.tree_util.tree_unflatten(treedef, got))
     sub = _regenerate(
@@ -451,26 +764,73 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     )
     w = jnp.asarray(need("w"))
     if w.shape != (layout.dim,):
-        raise ValueError(f"{str(path)!r}: w has shape {w.shape}, expected ({layout.dim},)")
+        raise CompressedModelError(
+            f"compressed model {name}: w has shape {w.shape}, expected ({layout.dim},)"
+        )
     trainable = {
         "w": w,
         "direct": tuple(jnp.asarray(need(f"direct_{j}")) for j in range(len(layout.direct_leaves))),
     }
     if layout.said:
         trainable["said"] = jnp.asarray(need("said"))
-    params = _to_params(sub, trainable)
+    try:
+        params = _to_params(sub, trainable)
+    except (TypeError, ValueError) as e:  # a direct leaf or SAID vector of the wrong shape
+        raise CompressedModelError(
+            f"compressed model {name}: its arrays do not fit the model ({e})"
+        ) from None
     info = dict(header)
     info["params_match"] = params_digest(params) == header["params_sha256"]
+    info["params_distance"] = 0.0
+    info["digest_verified"] = has_digest
+    info["platform_differences"] = diffs = _platform_differences(header)
     info["file_bytes"] = Path(path).stat().st_size
     if not info["params_match"]:
-        warnings.warn(
-            f"{str(path)!r}: the rebuilt parameters differ from the saved ones (saved with JAX "
-            f"{header['jax_version']} on {header['backend']}; now JAX {jax.__version__} on "
-            f"{jax.default_backend()}): expect small numerical differences",
-            RuntimeWarning,
-            stacklevel=2,
-        )
+        _check_rebuilt(name, header, params, diffs, info)
     return params, info
+
+
+def _check_rebuilt(name: str, header: dict, params: PyTree, diffs: list[str], info: dict):
+    """Rebuilt parameters that are not bit-equal to the saved ones: rounding or another model?
+
+    With a probe (version 2): rounding (within :data:`PROBE_TOLERANCE`) is a warning, which
+    names the platform differences if there are any; more is an error. Without one (version
+    1): an error on the saving platform, a warning elsewhere.
+    """
+    where = f"saved on another platform ({'; '.join(diffs)})" if diffs else ""
+    info["params_distance"] = None  # unknown without a probe
+    if "params_probe" in header:
+        dist = _probe_distance(header["params_probe"], params)
+        info["params_distance"] = dist
+        if dist > PROBE_TOLERANCE:
+            why = (
+                f"this platform does not rebuild the saved model: it was {where}; load it "
+                f"with JAX {header['jax_version']} on {header['backend']}"
+                if diffs
+                else "its seed, configs or arrays were altered after saving"
+            )
+            raise CompressedModelError(
+                f"compressed model {name}: the parameters rebuilt from it are another model "
+                f"(relative distance {dist:.2g} from the saved ones): {why}"
+            )
+        warnings.warn(
+            f"{name}: the rebuilt parameters differ from the saved ones by rounding only "
+            f"(relative distance {dist:.1e})" + (f"; {where}" if diffs else ""),
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return
+    if not diffs:
+        raise CompressedModelError(
+            f"compressed model {name}: the parameters rebuilt from it differ from the saved "
+            "ones on the platform it was saved on (same JAX, backend and PRNG settings): its "
+            "seed, configs or arrays were altered after saving"
+        )
+    warnings.warn(
+        f"{name}: the rebuilt parameters differ from the saved ones; {where}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
 
 
 def compressed_size_report(path: str | Path, num_params: int | None = None) -> dict:
@@ -485,7 +845,7 @@ def compressed_size_report(path: str | Path, num_params: int | None = None) -> d
       "stored"}``.
     """
     if num_params is None:
-        header, _ = _read(path)
+        header, _, _ = _read(path)
         num_params = int(header["num_params"])
         stored = header["stored"]
     else:
@@ -524,8 +884,12 @@ def evaluate_compressed(
       chunk: examples per forward pass.
 
     Returns:
-      ``{"test_accuracy", "test_loss", "num_test", "dataset", "params_match", "file_bytes",
-      "num_params", "dim"}``.
+      ``{"test_accuracy", "test_loss", "num_test", "dataset", "params_match",
+      "params_distance", "digest_verified", "platform_differences", "file_bytes",
+      "num_params", "dim"}`` (see :func:`load_compressed`).
+
+    Raises:
+      FileNotFoundError, CompressedModelError: as :func:`load_compressed`.
     """
     params, info = load_compressed(path)
     model = from_config(info["model_config"])
@@ -559,6 +923,9 @@ def evaluate_compressed(
         "num_test": n,
         "dataset": data.name,
         "params_match": info["params_match"],
+        "params_distance": info["params_distance"],
+        "digest_verified": info["digest_verified"],
+        "platform_differences": info["platform_differences"],
         "file_bytes": info["file_bytes"],
         "num_params": info["num_params"],
         "dim": info["projection"]["dim"],

@@ -15,3 +15,14 @@ import pytest
 def strict_dtype_promotion():
     with jax.numpy_dtype_promotion("strict"):
         yield
+
+
+@pytest.fixture
+def standard_dtype_promotion():
+    """JAX's default promotion for a test that runs a user's own training code.
+
+    optax's Adam computes ``decay ** count`` (float ** int32), which strict mode rejects; the
+    library calls it under standard promotion itself (``train/_step.py``), user code does not.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        yield

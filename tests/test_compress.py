@@ -1,7 +1,12 @@
 """Compressed models: seed + configs + w rebuild the trained parameters bit for bit."""
 
 import dataclasses
+import hashlib
 import json
+import os
+import stat
+import warnings
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -11,9 +16,13 @@ import pytest
 import subspace_jax as sj
 from subspace_jax import cli
 from subspace_jax.compress import (
+    CompressedModelError,
+    _probe_distance,
+    _write_archive,
     compressed_size_report,
     evaluate_compressed,
     load_compressed,
+    params_probe,
     save_compressed,
 )
 from subspace_jax.models import from_config
@@ -167,11 +176,10 @@ def test_bad_inputs_and_tampered_files(run, tmp_path):
     np.savez(tmp_path / "v99.npz", **{**arrays, "header": bumped})
     with pytest.raises(ValueError, match="format version 99"):
         load_compressed(tmp_path / "v99.npz")
-    # A changed w is caught by the stored digest.
+    # Rewritten by hand (np.savez): a version 2 file without its digest is refused.
     np.savez(tmp_path / "tampered.npz", **{**arrays, "w": arrays["w"] + 1})
-    with pytest.warns(RuntimeWarning, match="differ from the saved ones"):
-        _, info = load_compressed(tmp_path / "tampered.npz")
-    assert not info["params_match"]
+    with pytest.raises(CompressedModelError, match="has no digest"):
+        load_compressed(tmp_path / "tampered.npz")
 
 
 def test_cli_evaluate_and_train_save_compressed(run, tmp_path, capsys):
@@ -197,3 +205,207 @@ def test_cli_evaluate_and_train_save_compressed(run, tmp_path, capsys):
     assert cli.main(["evaluate", "--compressed", str(saved), "--json", str(out)]) == 0
     ev = json.loads(out.read_text())
     assert ev["test_accuracy"] == pytest.approx(trained_json["test_accuracy"], abs=1e-6)
+
+
+# ---- integrity: atomic writes, the file digest, and every damaged file is one error ---------
+
+
+def read_archive(path):
+    """(header dict, arrays) of a compressed model, read without any check."""
+    with np.load(path, allow_pickle=False) as z:
+        arrays = {k: z[k] for k in z.files}
+    return json.loads(arrays.pop("header").tobytes()), arrays
+
+
+def test_save_is_sealed_by_a_sha256_of_the_file_and_written_atomically(run, tmp_path):
+    _, result, trained, _, _ = run
+    path = tmp_path / "m.npz"
+    path.write_bytes(b"an older file")
+    old_umask = os.umask(0o022)
+    try:
+        save_compressed(path, result, trained)
+    finally:
+        os.umask(old_umask)
+    data = path.read_bytes()
+    # The last 64 bytes are the hex SHA-256 of every byte before them (independent check).
+    assert data[-71:-64] == b"sha256:"
+    assert data[-64:].decode() == hashlib.sha256(data[:-64]).hexdigest()
+    with zipfile.ZipFile(path) as zf:  # still an ordinary zip archive with its comment
+        assert zf.comment == data[-71:] and sorted(zf.namelist()) == ["header.npy", "w.npy"]
+    assert stat.S_IMODE(path.stat().st_mode) == 0o644
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]  # no temporary file left
+    header, _ = read_archive(path)
+    assert header["version"] == 2 and header["platform"]["jax_version"] == jax.__version__
+    _, info = load_compressed(path)
+    assert info["digest_verified"] and info["params_match"] and info["platform_differences"] == []
+
+
+def test_a_diverged_run_is_not_saved(run, tmp_path):
+    _, result, trained, _, _ = run
+    w = trained.trainables["w"].at[0, 3].set(jnp.nan)
+    bad = Trained(trained.model, trained.subs, {**trained.trainables, "w": w})
+    with pytest.raises(ValueError, match=r"non-finite values in w \(1 of 50\)"):
+        save_compressed(tmp_path / "nan.npz", result, bad)
+    assert not (tmp_path / "nan.npz").exists() and list(tmp_path.iterdir()) == []
+
+
+def _sealed(header, arrays):
+    """Rewrite with a valid digest: only the checks behind the digest can catch the change."""
+
+    def make(path):
+        _write_archive(path, header, arrays)
+
+    return make
+
+
+def _unsealed(header, arrays):
+    def make(path):
+        raw = np.frombuffer(json.dumps(header).encode(), np.uint8)
+        np.savez(path, header=raw, **arrays)
+
+    return make
+
+
+def _patched(old, new):
+    """Change bytes of the saved file in place (its digest then no longer matches)."""
+
+    def make(path, src):
+        data = src.read_bytes()
+        assert data.count(old) == 1 and len(old) == len(new)
+        path.write_bytes(data.replace(old, new))
+
+    return make
+
+
+def damaged_files(src):
+    """name -> (make(path), what the error says) for damaged or altered copies of ``src``."""
+    header, arrays = read_archive(src)
+    no_sha = {k: v for k, v in header.items() if k != "params_sha256"}
+    v1 = {k: v for k, v in header.items() if k not in ("platform", "params_probe")}
+    v1["version"] = 1
+    data = src.read_bytes()
+    return {
+        "w times 3, digest recomputed": (
+            _sealed(header, {**arrays, "w": arrays["w"] * 3}),
+            "altered after saving",
+        ),
+        "w times 3, rewritten by np.savez": (
+            _unsealed(header, {**arrays, "w": arrays["w"] * 3}),
+            "has no digest",
+        ),
+        "w NaN, digest recomputed": (
+            _sealed(header, {**arrays, "w": np.full_like(arrays["w"], np.nan)}),
+            r"non-finite values in w \(50 of 50\)",
+        ),
+        "seed changed, digest recomputed": (
+            _sealed({**header, "seed": 1}, arrays),
+            "altered after saving",
+        ),
+        "seed changed in place": (
+            lambda p: _patched(b'"seed": 0', b'"seed": 1')(p, src),
+            "does not match the digest",
+        ),
+        "header key missing": (_sealed(no_sha, arrays), "header lacks 'params_sha256'"),
+        "header key of the wrong type": (
+            _sealed({**header, "seed": "0"}, arrays),
+            "header's 'seed' is str",
+        ),
+        "array missing": (_sealed(header, {}), r"lacks the arrays \['w'\]"),
+        "version 1 file with w times 3": (
+            _unsealed(v1, {**arrays, "w": arrays["w"] * 3}),
+            "altered after saving",
+        ),
+        "empty": (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\)"),
+        "cut in half": (lambda p: p.write_bytes(data[: len(data) // 2]), "is incomplete"),
+        "last byte missing": (lambda p: p.write_bytes(data[:-1]), "is incomplete"),
+        "not a zip file": (lambda p: p.write_bytes(b"{}\n" * 40), "is incomplete"),
+        "a directory": (lambda p: p.mkdir(), "is not a file"),
+    }
+
+
+@pytest.mark.filterwarnings("ignore:.*written before file digests:RuntimeWarning")
+def test_damaged_files_are_one_error_naming_the_file(run, tmp_path, capsys):
+    _, _, _, src, _ = run
+    for i, (case, (make, message)) in enumerate(damaged_files(src).items()):
+        path = tmp_path / f"case{i}.npz"
+        make(path)
+        with pytest.raises(CompressedModelError, match=message) as err:
+            load_compressed(path)
+        assert str(path) in str(err.value), case
+        # The CLI: one error line naming the file, exit 2, never an accuracy.
+        assert cli.main(["evaluate", "--compressed", str(path)]) == 2, case
+        out, errout = capsys.readouterr()
+        assert out == "" and "test acc" not in errout, case
+        lines = [ln for ln in errout.splitlines() if ln.startswith("error:")]
+        assert len(lines) == 1 and str(path) in lines[0], (case, errout)
+
+
+def test_version_1_file_loads_with_a_warning(run, tmp_path, capsys):
+    _, result, _, src, _ = run
+    header, arrays = read_archive(src)
+    v1 = {k: v for k, v in header.items() if k not in ("platform", "params_probe")}
+    _unsealed({**v1, "version": 1}, arrays)(tmp_path / "v1.npz")
+    with pytest.warns(RuntimeWarning, match="format version 1 file, written before file digests"):
+        params, info = load_compressed(tmp_path / "v1.npz")
+    assert info["params_match"] and not info["digest_verified"]
+    assert bits_equal(params, load_compressed(src)[0])
+    assert cli.main(["evaluate", "--compressed", str(tmp_path / "v1.npz")]) == 0
+    errout = capsys.readouterr().err
+    assert "warning: " in errout and "written before file digests" in errout
+
+
+def test_platform_note_only_when_the_platform_differs(run, tmp_path, capsys):
+    _, result, _, src, _ = run
+    header, arrays = read_archive(src)
+    # Saved here: no warning at all.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = load_compressed(src)
+    assert info["params_match"] and info["platform_differences"] == []
+    assert cli.main(["evaluate", "--compressed", str(src)]) == 0
+    assert "warning" not in capsys.readouterr().err
+    # Recorded on another JAX version, same parameters: noted in info, but nothing to warn of.
+    other = {**header, "platform": {**header["platform"], "jax_version": "0.0.1"}}
+    _sealed(other, arrays)(tmp_path / "same.npz")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, info = load_compressed(tmp_path / "same.npz")
+    assert info["params_match"]
+    assert info["platform_differences"] == [f"jax_version '0.0.1' -> {jax.__version__!r}"]
+    # Rounding-level differences (w off by 1e-6): a warning; it blames the platform only when
+    # the platform differs.
+    nudged = {**arrays, "w": arrays["w"] * np.float32(1 + 1e-6)}
+    _sealed(header, nudged)(tmp_path / "nudged_here.npz")
+    _sealed(other, nudged)(tmp_path / "nudged_there.npz")
+    for path, blame in [("nudged_here.npz", False), ("nudged_there.npz", True)]:
+        with pytest.warns(RuntimeWarning, match="by rounding only") as rec:
+            _, info = load_compressed(tmp_path / path)
+        assert len(rec) == 1 and not info["params_match"] and info["params_distance"] < 1e-5
+        assert ("saved on another platform (jax_version '0.0.1' -> " in str(rec[0].message)) == (
+            blame
+        )
+        assert cli.main(["evaluate", "--compressed", str(tmp_path / path)]) == 0
+        lines = capsys.readouterr().err.splitlines()
+        assert [ln for ln in lines if ln.startswith("warning:")] == [f"warning: {rec[0].message}"]
+    # Another model (w times 3) is an error even when the platform differs.
+    _sealed(other, {**arrays, "w": arrays["w"] * 3})(tmp_path / "other_model.npz")
+    with pytest.raises(CompressedModelError, match="this platform does not rebuild the saved"):
+        load_compressed(tmp_path / "other_model.npz")
+
+
+def test_params_probe_estimates_the_relative_distance(run):
+    _, _, trained, _, _ = run
+    params = jax.jit(sj.to_params)(seed_slice(trained.subs), seed_slice(trained.trainables))
+    probe = params_probe(params)
+    flat = np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(params)])
+    assert probe["norm"] == pytest.approx(np.linalg.norm(flat), rel=1e-12)
+    # The projections themselves: V drawn leaf by leaf (each leaf is under one block).
+    rng = np.random.default_rng(0)
+    v = np.concatenate([rng.standard_normal((8, x.size)) for x in jax.tree.leaves(params)], 1)
+    np.testing.assert_allclose(probe["values"], v @ flat, rtol=1e-9)
+    rng = np.random.default_rng(1)
+    for rel in [1e-6, 1e-3, 0.3]:
+        scale = rel * np.linalg.norm(flat) / np.sqrt(D)  # ||delta|| ~ rel ||theta||
+        moved = jax.tree.map(lambda x, s=scale: x + s * rng.standard_normal(x.shape), params)
+        # sqrt(chi2_8 / 8) lies in [0.4, 1.8] with probability > 0.999.
+        assert 0.4 * rel < _probe_distance(probe, moved) < 1.8 * rel

@@ -84,10 +84,10 @@ def test_per_leaf_allocation_and_explicit_dims():
     with pytest.raises(ValueError, match="d >= number of projected leaves"):
         sj.init_subspace(jax.random.key(0), THETA0, 3, per_leaf=True)
     explicit = {leaf.path: 2 for leaf in sj.leaf_specs(THETA0).leaves}
-    sub = sj.init_subspace(jax.random.key(0), THETA0, 0, dims=explicit, projection="orthogonal")
+    sub = sj.init_subspace(jax.random.key(0), THETA0, dims=explicit, projection="orthogonal")
     assert [g.dim for g in sub.layout.groups] == [2, 2, 2, 2]
     with pytest.raises(ValueError, match="unknown leaves"):
-        sj.init_subspace(jax.random.key(0), THETA0, 0, dims={"nope": 3})
+        sj.init_subspace(jax.random.key(0), THETA0, dims={"nope": 3})
 
 
 def test_per_leaf_to_params_is_blockwise():

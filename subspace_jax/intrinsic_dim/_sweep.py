@@ -70,7 +70,8 @@ def seed_records(result: dict, config: TrainConfig) -> list[dict]:
                 "step_time_ms": result["step_time_ms"],
                 "peak_memory_bytes": result["peak_memory_bytes"],
                 "wall_time_s": result["wall_time_s"],
-                "learning_rate": result["learning_rate"],
+                # The rate this seed finished with (lower after --on-divergence retry).
+                "learning_rate": s.get("learning_rate", result["learning_rate"]),
                 "epochs": config.epochs,
             }
         )

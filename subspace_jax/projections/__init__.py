@@ -24,6 +24,7 @@ from subspace_jax.projections._base import (
     register,
 )
 from subspace_jax.projections._dense import DenseState, gaussian_matrix
+from subspace_jax.projections._fastfood import fastfood
 from subspace_jax.projections._hadamard import fwht
 from subspace_jax.projections._sparse import SPARSE_VARIANTS
 
@@ -38,6 +39,7 @@ __all__ = [
     "check_sizes",
     "choose_projection",
     "default_learning_rate",
+    "fastfood",
     "fwht",
     "gaussian_matrix",
     "get_projection",

@@ -7,8 +7,14 @@ A projection P is a linear map from the subspace R^d to parameter space R^D. It 
   a pytree of arrays; static sizes live in pytree auxiliary data (never traced), so
   ``jax.vmap(init, in_axes=(0, None, None))`` over keys works.
 * ``apply(state, w) -> delta``: ``P @ w``, ``w`` of shape ``(d,)``, ``delta`` of shape ``(D,)``.
-  Differentiable in ``w``: its VJP is ``transpose``.
+  A linear map in ``w`` under every JAX transformation (:func:`linear_map`): ``jvp``,
+  ``jacfwd``, ``linearize``, ``vmap``, ``grad``, ``linear_transpose``, ``hessian``; reverse mode
+  and transposition run ``transpose``.
 * ``transpose(state, g) -> gw``: ``P^T @ g``, ``g`` of shape ``(D,)``, ``gw`` of shape ``(d,)``.
+
+A projection is a value: :func:`make_projection` builds one from ``init`` and the pair
+``mv``/``rmv`` (the size metadata is optional), ``init_subspace(..., projection=...)`` takes it
+or a registered name, and :func:`register` names it (``overwrite=True`` to replace).
 
 Convention: every projection documents its expected column norm ``E||P e_j||``; the library's
 default learning rate is divided by it (:func:`default_learning_rate`), so one default serves
@@ -22,27 +28,32 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
+from jax.interpreters import ad, batching, mlir
 
 State = Any
 Array = jax.Array
 
 
-class Projection(NamedTuple):
-    """A random linear map R^d -> R^D as pure functions.
+def unit_column_norm(D: int, d: int) -> float:
+    """The default ``column_norm``: 1 (columns of unit expected length)."""
+    return 1.0
 
-    Attributes:
-      name: registry name.
-      init: ``(key, D, d) -> state``.
-      apply: ``(state, w[d]) -> delta[D]``, with ``transpose`` as its VJP.
-      transpose: ``(state, g[D]) -> gw[d]``.
-      column_norm: ``(D, d) -> float``, the expected Euclidean norm of one column of P.
-      state_bytes: ``(D, d) -> int``, bytes the state holds (what must fit in memory).
-      max_dim: ``D -> int``, the largest d allowed.
-      description: one line for ``--help`` and docs.
-    """
 
+def full_max_dim(D: int) -> int:
+    """The default ``max_dim``: ``D`` (any ``d`` from 1 to ``D``)."""
+    return D
+
+
+def state_bytes_from_init(init: Callable[[Array, int, int], State], D: int, d: int) -> int:
+    """Bytes of the state ``init(key, D, d)`` would return, from its shapes (nothing runs)."""
+    shapes = jax.eval_shape(lambda k: init(k, D, d), jax.random.key(0))
+    return int(sum(np.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(shapes)))
+
+
+class _ProjectionFields(NamedTuple):
     name: str
     init: Callable[[Array, int, int], State]
     apply: Callable[[State, Array], Array]
@@ -53,33 +64,179 @@ class Projection(NamedTuple):
     description: str
 
 
-def _zero_cotangent(x):
-    dtype = jnp.result_type(x)
-    if jnp.issubdtype(dtype, jnp.inexact):
-        return jnp.zeros_like(x)
-    return np.zeros(np.shape(x), dtype=jax.dtypes.float0)
+class Projection(_ProjectionFields):
+    """A random linear map R^d -> R^D as pure functions.
+
+    Only ``name``, ``init``, ``apply`` and ``transpose`` are required; the size metadata has
+    defaults (unit columns, any ``d <= D``, the state's bytes from the shapes ``init`` returns,
+    found by ``jax.eval_shape`` without drawing anything). Build one with
+    :func:`make_projection` to get ``transpose`` as the derivative of ``apply`` and the size
+    checks; a ``Projection`` built directly is differentiated by JAX's own autodiff.
+
+    Attributes:
+      name: registry name.
+      init: ``(key, D, d) -> state``.
+      apply: ``(state, w[d]) -> delta[D]``, with ``transpose`` as its VJP.
+      transpose: ``(state, g[D]) -> gw[d]``.
+      column_norm: ``(D, d) -> float``, the expected Euclidean norm of one column of P
+        (default 1; the default learning rate is divided by it).
+      state_bytes: ``(D, d) -> int``, bytes the state holds (what must fit in memory).
+      max_dim: ``D -> int``, the largest d allowed (default ``D``).
+      description: one line for ``--help`` and docs.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        name: str,
+        init: Callable[[Array, int, int], State],
+        apply: Callable[[State, Array], Array],
+        transpose: Callable[[State, Array], Array],
+        column_norm: Callable[[int, int], float] | None = None,
+        state_bytes: Callable[[int, int], int] | None = None,
+        max_dim: Callable[[int], int] | None = None,
+        description: str = "",
+    ):
+        if state_bytes is None:
+            state_bytes = functools.partial(state_bytes_from_init, init)
+        return super().__new__(
+            cls,
+            name,
+            init,
+            apply,
+            transpose,
+            column_norm or unit_column_norm,
+            state_bytes,
+            max_dim or full_max_dim,
+            description,
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# The linear map primitive: ``mv`` with ``rmv`` as its transpose, under every transformation
+# --------------------------------------------------------------------------------------------
+#
+# ``jax.custom_vjp`` would give ``apply`` the projection's own transpose as its VJP but forbids
+# forward mode (``jvp``, ``jacfwd``, ``linearize``, ``hessian``); ``jax.custom_derivatives.
+# linear_call`` has no batching rule (so no ``vmap``, ``jacfwd`` or ``jacrev``). One small
+# primitive carries both functions as static parameters and states the three facts JAX needs:
+#
+# * JVP: the map is linear in ``w``, so its tangent is the same map applied to ``w``'s tangent
+#   (the state is a constant: its tangent, if any, is ignored, as only ``w`` is trained);
+# * transpose: the same primitive with ``mv`` and ``rmv`` swapped (the projection's own fast
+#   transpose, never autodiff's);
+# * batching: the same primitive over ``jax.vmap``-ed ``mv`` and ``rmv``.
+#
+# It lowers to ``mv``'s (or ``rmv``'s) own computation, so a jitted step compiles to the same
+# program as before. The flat wrappers are cached so that equal calls carry identical
+# parameters (no recompiles, eager or jitted).
+
+_linear_map_p = jax.extend.core.Primitive("subspace_linear_map")
+
+
+class _Flat:
+    """``fn`` taking the state's leaves as a list: ``(leaves, x) -> y`` (built once, cached)."""
+
+    def __init__(self, fn: Callable[[State, Array], Array], treedef: Any):
+        self.fn, self.treedef = fn, treedef
+
+    def __call__(self, leaves, x):
+        return self.fn(jax.tree_util.tree_unflatten(self.treedef, leaves), x)
+
+
+class _Batched:
+    """``fn`` vmapped over the state leaves' batch axes ``dims`` and axis 0 of ``x``."""
+
+    def __init__(self, fn: Callable[[list, Array], Array], dims: tuple[int | None, ...]):
+        self.fn, self.dims = fn, dims
+
+    def __call__(self, leaves, x):
+        return jax.vmap(self.fn, in_axes=(list(self.dims), 0))(leaves, x)
+
+
+def _bind(mv, rmv, leaves, x):
+    return _linear_map_p.bind(*leaves, x, mv=mv, rmv=rmv)
+
+
+def _impl(*args, mv, rmv):
+    return mv(list(args[:-1]), args[-1])
+
+
+@functools.lru_cache(maxsize=4096)
+def _out_aval(mv, in_avals):
+    leaves = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in in_avals]
+    out = jax.eval_shape(mv, leaves[:-1], leaves[-1])
+    return jax.core.ShapedArray(out.shape, out.dtype)
+
+
+def _abstract_eval(*avals, mv, rmv):
+    return _out_aval(mv, tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in avals))
+
+
+def _jvp(primals, tangents, *, mv, rmv):
+    out = _linear_map_p.bind(*primals, mv=mv, rmv=rmv)
+    x_dot = tangents[-1]
+    if type(x_dot) is ad.Zero:
+        return out, ad.Zero.from_primal_value(out)
+    return out, _linear_map_p.bind(*primals[:-1], x_dot, mv=mv, rmv=rmv)
+
+
+def _transpose(ct, *args, mv, rmv):
+    leaves, x = list(args[:-1]), args[-1]
+    assert ad.is_undefined_primal(x) and not any(map(ad.is_undefined_primal, leaves))
+    if type(ct) is ad.Zero:
+        return [None] * len(leaves) + [ad.Zero(x.aval)]
+    return [None] * len(leaves) + [_bind(rmv, mv, leaves, ct)]
+
+
+@functools.lru_cache(maxsize=4096)
+def _batched_pair(mv, rmv, dims):
+    return _Batched(mv, dims), _Batched(rmv, dims)
+
+
+def _batch(args, dims, *, mv, rmv):
+    leaves, x = list(args[:-1]), args[-1]
+    size = next(a.shape[b] for a, b in zip(args, dims, strict=True) if b is not None)
+    x_dim = dims[-1]
+    x = jnp.moveaxis(x, x_dim, 0) if x_dim is not None else jnp.broadcast_to(x, (size, *x.shape))
+    bmv, brmv = _batched_pair(mv, rmv, tuple(dims[:-1]))
+    return _bind(bmv, brmv, leaves, x), 0
+
+
+_linear_map_p.def_impl(_impl)
+_linear_map_p.def_abstract_eval(_abstract_eval)
+ad.primitive_jvps[_linear_map_p] = _jvp
+ad.primitive_transposes[_linear_map_p] = _transpose
+batching.primitive_batchers[_linear_map_p] = _batch
+mlir.register_lowering(_linear_map_p, mlir.lower_fun(_impl, multiple_results=False))
+
+
+@functools.lru_cache(maxsize=4096)
+def _flat_pair(mv, rmv, treedef):
+    return _Flat(mv, treedef), _Flat(rmv, treedef)
 
 
 def linear_map(
     mv: Callable[[State, Array], Array], rmv: Callable[[State, Array], Array]
 ) -> Callable[[State, Array], Array]:
-    """Make ``mv`` differentiable in its vector argument with ``rmv`` as the VJP.
+    """Make ``mv(state, w)`` a linear map in ``w`` whose transpose is ``rmv(state, g)``.
 
-    The projection state is treated as a constant (zero cotangent): only ``w`` is trained.
-    This lets every projection choose its own fastest transpose instead of autodiff's.
+    The result works under every JAX transformation: ``jit``, ``vmap`` (over ``w``, the state
+    or both), ``grad``/``vjp``/``jacrev`` (through ``rmv``, the projection's own transpose, never
+    autodiff's), ``jvp``/``jacfwd``/``linearize`` (through ``mv``), ``linear_transpose``,
+    ``hessian`` and any nesting of them. The state is a constant: it is not differentiated
+    (only ``w`` is trained), so derivatives with respect to it are zero.
+
+    ``mv`` and ``rmv`` must be exact transposes of each other (the registry's tests check the
+    adjoint identity for every projection).
     """
 
-    @jax.custom_vjp
     def apply(state, w):
-        return mv(state, w)
+        leaves, treedef = jax.tree_util.tree_flatten(state)
+        fmv, frmv = _flat_pair(mv, rmv, treedef)
+        return _bind(fmv, frmv, leaves, jnp.asarray(w))
 
-    def fwd(state, w):
-        return mv(state, w), state
-
-    def bwd(state, g):
-        return jax.tree_util.tree_map(_zero_cotangent, state), rmv(state, g)
-
-    apply.defvjp(fwd, bwd)
     return apply
 
 
@@ -109,17 +266,33 @@ def make_projection(
     init: Callable[[Array, int, int], State],
     mv: Callable[[State, Array], Array],
     rmv: Callable[[State, Array], Array],
-    column_norm: Callable[[int, int], float],
-    state_bytes: Callable[[int, int], int],
+    column_norm: Callable[[int, int], float] | None = None,
+    state_bytes: Callable[[int, int], int] | None = None,
     max_dim: Callable[[int], int] | None = None,
     description: str = "",
 ) -> Projection:
-    """Assemble a :class:`Projection`, adding size checks to ``init`` and a VJP to ``apply``."""
-    max_dim = max_dim or (lambda D: D)
+    """Assemble a :class:`Projection` from ``init`` and the pair ``mv`` / ``rmv``.
+
+    ``apply`` becomes :func:`linear_map` of ``(mv, rmv)`` (every JAX transformation, ``rmv`` as
+    the transpose) and ``init`` checks the sizes first. Only ``init``, ``mv`` and ``rmv`` are
+    required; see :class:`Projection` for the defaults of the size metadata.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> def init(key, D, d):
+      ...     return jax.random.normal(key, (D, d)) / jnp.sqrt(D)
+      >>> mine = make_projection("mine", init=init, mv=lambda M, w: M @ w, rmv=lambda M, g: g @ M)
+      >>> mine.apply(mine.init(jax.random.key(0), 10, 3), jnp.ones(3)).shape
+      (10,)
+    """
+    max_dim = max_dim or full_max_dim
 
     def checked_init(key, D, d):
         D, d = check_sizes(name, D, d, max_dim)
         return init(key, D, d)
+
+    if state_bytes is None:
+        state_bytes = functools.partial(state_bytes_from_init, init)
 
     return Projection(
         name=name,
@@ -140,11 +313,39 @@ def make_projection(
 _REGISTRY: dict[str, Callable[[], Projection]] = {}
 
 
-def register(name: str, factory: Callable[[], Projection]) -> None:
-    """Register ``factory`` (no arguments, returns a :class:`Projection`) under ``name``."""
-    if name in _REGISTRY:
-        raise ValueError(f"projection {name!r} is already registered")
+def register(
+    name: str, factory: Callable[[], Projection] | Projection, *, overwrite: bool = False
+) -> None:
+    """Register a projection under ``name``.
+
+    Args:
+      name: the name ``init_subspace(..., projection=name)`` and ``--projection`` accept.
+      factory: a function of no arguments returning a :class:`Projection`, or a
+        ``Projection`` itself (e.g. ``fastfood(shared_signs=False)``).
+      overwrite: replace an existing registration (e.g. when a notebook cell is re-run);
+        without it, registering a taken name is an error.
+
+    Raises:
+      ValueError: ``name`` is taken and ``overwrite`` is False, or ``factory`` is neither a
+        ``Projection`` nor a function.
+    """
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(
+            f"projection {name!r} is already registered (pass overwrite=True to replace it)"
+        )
+    if isinstance(factory, Projection):
+        projection = factory
+
+        def factory():
+            return projection
+
+    elif not callable(factory):
+        raise ValueError(
+            f"register({name!r}, ...) needs a Projection or a function returning one, "
+            f"got {type(factory).__name__}"
+        )
     _REGISTRY[name] = factory
+    _lookup.cache_clear()
 
 
 def projection_names() -> tuple[str, ...]:
@@ -152,21 +353,36 @@ def projection_names() -> tuple[str, ...]:
     return tuple(sorted(_REGISTRY))
 
 
-@functools.cache
-def get_projection(name: str) -> Projection:
-    """Look up a projection by name.
+def get_projection(name: str | Projection) -> Projection:
+    """Look up a projection by name; a :class:`Projection` is returned as it is.
 
-    The same name always returns the same object, so functions built from it are stable
-    static data under ``jit`` (no recompiles).
+    The same name always returns the same object (until it is registered again), so functions
+    built from it are stable static data under ``jit`` (no recompiles).
 
     Raises:
-      ValueError: for an unknown name, listing the known ones.
+      ValueError: for an unknown name (listing the known ones) or a value that is neither a
+        name nor a ``Projection``.
     """
+    if isinstance(name, Projection):
+        return name
+    if not isinstance(name, str):
+        raise ValueError(f"projection must be a registered name or a Projection, got {name!r}")
+    return _lookup(name)
+
+
+@functools.cache
+def _lookup(name: str) -> Projection:
     if name not in _REGISTRY:
         raise ValueError(
             f"unknown projection {name!r}; choose one of: {', '.join(projection_names())}"
         )
-    return _REGISTRY[name]()
+    projection = _REGISTRY[name]()
+    if not isinstance(projection, Projection):
+        raise ValueError(
+            f"the factory registered as {name!r} returned {type(projection).__name__}, "
+            "not a Projection"
+        )
+    return projection
 
 
 def as_matrix(projection: Projection, state: State, d: int) -> Array:

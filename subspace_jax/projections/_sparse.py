@@ -54,7 +54,7 @@ def max_nnz_per_column(D: int, p: float) -> int:
 
 
 def empty_column_scale(D: int, p: float) -> float:
-    """``c = sqrt(D p / (D p + (1 - p)^D))``: the value scale that keeps ``E||column||^2 = D p v^2``.
+    """``c = sqrt(D p / (D p + (1 - p)^D))``: the value scale keeping ``E||column||^2 = D p v^2``.
 
     A column with no non-zero (probability ``(1 - p)^D``) gets one entry of size ``v``, which
     adds ``(1 - p)^D v^2`` to the expected squared norm; scaling every value by ``c`` removes it.

@@ -3,7 +3,13 @@
 The loop knows nothing of argument parsing, files or progress bars: it reports progress
 through a callback and returns a JSON-serialisable result (the contract documented in the
 README: ``model, dataset, projection, num_params, dim, val_accuracy, best_val_accuracy,
-test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s, seeds, history, per_seed``).
+test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s, seeds, history, per_seed,
+diverged, diverged_seeds``).
+
+Divergence: the training step is guarded (:func:`~subspace_jax.train.guard_finite`), so a seed
+whose loss or state becomes non-finite stops updating at that step while the other seeds go on;
+the flags stay on the device and are read once an epoch. A diverged seed keeps its numbers (of
+its last finite state) in ``per_seed`` and ``history``, flagged, and is left out of every mean.
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from subspace_jax.train._kinds import (
     lottery_states,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes
-from subspace_jax.train._step import compile_steps
+from subspace_jax.train._step import compile_steps, init_divergence
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 #: Default Adam learning rate of direct training (Li et al. 2018 / the Uber scripts).
@@ -49,6 +55,12 @@ DIRECT_LR = 1e-3
 LOTTERY = "lottery"
 #: The registered projection a lottery subspace is applied with (orthonormal, stored).
 LOTTERY_APPLY = "orthogonal"
+
+#: What to do with a seed that diverged: ``stop`` keeps its last finite state and flags it;
+#: ``retry`` trains it again from scratch at the learning rate divided by ``RETRY_LR_FACTOR``
+#: (again for each retry), at most ``TrainConfig.max_retries`` times.
+ON_DIVERGENCE = ("stop", "retry")
+RETRY_LR_FACTOR = 10.0
 
 Progress = Callable[[dict], None]
 
@@ -85,6 +97,8 @@ class TrainConfig:
         steps (None: about ``2 dim + 1`` points over the run).
       theta0_path: a parameter checkpoint (``.msgpack`` or ``.npz``) used as theta0 for every
         seed (subspace fine-tuning); None: the model's own initialisation.
+      on_divergence: ``"stop"`` or ``"retry"`` (see ``ON_DIVERGENCE``).
+      max_retries: with ``on_divergence="retry"``, retries per diverged seed (>= 0).
     """
 
     model: str = "mlp"
@@ -108,13 +122,16 @@ class TrainConfig:
     said: bool = False
     lottery_every: int | None = None
     theta0_path: str | None = None
+    on_divergence: str = "stop"
+    max_retries: int = 2
 
     def to_dict(self) -> dict:
-        """JSON-serialisable fields; the later subspace-kind fields only when not default.
+        """JSON-serialisable fields; the fields added later only when not default.
 
-        Leaving ``burn_in_steps``, ``said``, ``lottery_every`` and ``theta0_path`` out at their
-        defaults keeps the dict of a plain run (and every hash of it, e.g. the sweep's
-        ``config_key`` in existing ``runs.jsonl`` files) what it was before they existed.
+        Leaving ``burn_in_steps``, ``said``, ``lottery_every``, ``theta0_path``,
+        ``on_divergence`` and ``max_retries`` out at their defaults keeps the dict of a plain
+        run (and every hash of it, e.g. the sweep's ``config_key`` in existing ``runs.jsonl``
+        files) what it was before they existed.
         """
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
@@ -126,7 +143,14 @@ class TrainConfig:
 
 
 #: Fields added after the first release, with their defaults (see ``TrainConfig.to_dict``).
-_LATER_FIELDS = {"burn_in_steps": 0, "said": False, "lottery_every": None, "theta0_path": None}
+_LATER_FIELDS = {
+    "burn_in_steps": 0,
+    "said": False,
+    "lottery_every": None,
+    "theta0_path": None,
+    "on_divergence": "stop",
+    "max_retries": 2,
+}
 
 
 def validate_config(config: TrainConfig) -> None:
@@ -158,6 +182,14 @@ def validate_config(config: TrainConfig) -> None:
     k = config.lottery_every
     if k is not None and (isinstance(k, bool) or not isinstance(k, int) or k < 1):
         raise ValueError(f"lottery_every must be an integer >= 1 (or None), got {k!r}")
+    if config.on_divergence not in ON_DIVERGENCE:
+        raise ValueError(
+            f"unknown on_divergence {config.on_divergence!r}; choose one of: "
+            f"{', '.join(ON_DIVERGENCE)}"
+        )
+    r = config.max_retries
+    if isinstance(r, bool) or not isinstance(r, int) or r < 0:
+        raise ValueError(f"max_retries must be an integer >= 0, got {r!r}")
     if config.dim == 0:
         for name, on in (
             ("burn_in_steps", b > 0),
@@ -308,17 +340,24 @@ def train_and_evaluate(
 ) -> dict | tuple[dict, Trained]:
     """Train ``len(config.seeds)`` runs together and evaluate them.
 
+    A seed whose loss, trainable variables or optimiser state becomes non-finite stops
+    updating at that step (the others go on) and is reported as diverged; with
+    ``config.on_divergence == "retry"`` it is trained again from scratch with the learning rate
+    divided by ``RETRY_LR_FACTOR``, at most ``config.max_retries`` times.
+
     Args:
       config: the run's :class:`TrainConfig`.
       data: a loaded :class:`Dataset` (loaded from the config when None).
-      progress: called with ``{"event": "step"|"epoch", ...}`` dicts while training.
+      progress: called with ``{"event": "step"|"epoch"|"diverged"|"message", ...}`` dicts
+        while training.
       theta0_fn: optional ``key -> params`` replacing the model's own initialisation (e.g. a
         pretrained checkpoint for subspace fine-tuning).
       return_state: also return the :class:`Trained` state.
 
     Returns:
-      The result dict (see module docstring); accuracies are means over seeds, ``per_seed``
-      holds each seed's.
+      The result dict (see module docstring); accuracies are means over the seeds that did not
+      diverge (None when every seed diverged), ``per_seed`` holds each seed's with its
+      ``diverged``, ``diverged_step`` (1-based), ``learning_rate`` and ``retries``.
     """
     validate_config(config)
     t_start = time.perf_counter()
@@ -332,14 +371,39 @@ def train_and_evaluate(
         )
         config_layout(config, jax.eval_shape(expected.init, jax.random.key(0)))
         data = load_data(config)
+    model, theta0_fn = _build_model(config, data, theta0_fn)
+    layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
+    total_steps, lottery_every = _schedule(config, data, layout)
+    lr = resolve_lr(config, layout)
+
+    def train(seeds, lr, retries):
+        cfg = dataclasses.replace(config, seeds=tuple(seeds))
+        return _train_seeds(
+            cfg, model, layout, data, lr, retries, total_steps, lottery_every, progress
+        )
+
+    runs = train(config.seeds, lr, 0)
+    if config.on_divergence == "retry":
+        runs = _retry_diverged(runs, lr, config.max_retries, train, progress)
+    result = _result(config, layout, data, theta0_fn, lr, runs, t_start)
+    if return_state:
+        return result, Trained(model, runs.subs, runs.trainables)
+    return result
+
+
+def _build_model(config: TrainConfig, data: Dataset, theta0_fn):
+    """The model for ``data``'s input shape, with theta0 from ``theta0_fn`` or the checkpoint."""
     data_shape = tuple(int(s) for s in data.x_train.shape[1:])
     model = build_model(config.model, data_shape, data.num_classes, **dict(config.model_overrides))
     if theta0_fn is None and config.theta0_path is not None:
         theta0_fn = checkpoint_init(config.theta0_path, model)
     if theta0_fn is not None:
         model = model._replace(init=theta0_fn)
-    shapes = jax.eval_shape(model.init, jax.random.key(0))
-    layout = config_layout(config, shapes)
+    return model, theta0_fn
+
+
+def _schedule(config: TrainConfig, data: Dataset, layout: Layout) -> tuple[int, int | None]:
+    """``(total_steps, lottery_every)``; checks that a lottery trajectory has enough points."""
     steps_per_epoch = num_batches(len(data.x_train), config.batch_size, True)
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps is not None:
@@ -355,10 +419,51 @@ def train_and_evaluate(
                 f"T = {points} points, whose centred trajectory has rank <= {points - 1} < "
                 f"d = {need}; train for more steps, record more often or lower d"
             )
-    lr = resolve_lr(config, layout)
-    optimizer = make_optimizer(config.optimizer, lr)
-    train_step, eval_step = compile_steps(model.apply, optimizer, config.l2)
+    return total_steps, lottery_every
 
+
+#: The per-seed arrays of an epoch record in :class:`_Runs` (leading axis = seed).
+_PER_SEED_EPOCH = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "diverged_at")
+
+
+class _Runs(NamedTuple):
+    """What training a group of seeds together produced (numpy arrays, leading axis = seed).
+
+    ``epochs`` holds one dict per epoch: ``epoch``, ``steps``, ``epoch_time_s`` and the
+    ``(N,)`` arrays named in ``_PER_SEED_EPOCH``. ``diverged_at``: the 1-based step at which
+    each seed diverged, 0 for a seed that stayed finite.
+    """
+
+    seeds: tuple[int, ...]
+    learning_rates: np.ndarray  # (N,) float
+    retries: np.ndarray  # (N,) int
+    epochs: list[dict]
+    best_val: np.ndarray  # (N,) float64
+    test_loss: np.ndarray  # (N,)
+    test_acc: np.ndarray  # (N,)
+    diverged_at: np.ndarray  # (N,) int
+    step_times: list[float]
+    setup_s: float
+    steps: int
+    subs: Subspace
+    trainables: dict
+
+
+def _train_seeds(
+    config: TrainConfig,
+    model,
+    layout: Layout,
+    data: Dataset,
+    lr: float,
+    retries: int,
+    total_steps: int,
+    lottery_every: int | None,
+    progress: Progress | None,
+) -> _Runs:
+    """Train ``config.seeds`` together at learning rate ``lr`` and evaluate them."""
+    optimizer = make_optimizer(config.optimizer, lr)
+    train_step, eval_step = compile_steps(model.apply, optimizer, config.l2, guard=True)
+    n = len(config.seeds)
     keys = run_keys(config.seeds)
     t_init = time.perf_counter()
     if config.burn_in_steps > 0 or config.projection == LOTTERY:
@@ -372,12 +477,14 @@ def train_and_evaluate(
     # Copy: directly trained leaves are donated to the step and must not alias theta0.
     trainables = jax.tree_util.tree_map(jnp.copy, trainables)
     opt_states = jax.vmap(optimizer.init)(trainables)
-    jax.block_until_ready((subs, trainables, opt_states))
+    divs = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
+    jax.block_until_ready((subs, trainables, opt_states, divs))
     setup_s = time.perf_counter() - t_init
 
-    history = []
+    epochs = []
     step_times: list[float] = []
-    best_val = np.full(len(config.seeds), -np.inf)
+    best_val = np.full(n, -np.inf)
+    reported = np.zeros(n, bool)
     step = 0
     for epoch in range(config.epochs):
         if step >= total_steps:
@@ -390,7 +497,9 @@ def train_and_evaluate(
             if step >= total_steps:
                 break
             t = time.perf_counter()
-            trainables, opt_states, loss, acc = train_step(subs, trainables, opt_states, xb, yb)
+            trainables, opt_states, divs, loss, acc = train_step(
+                subs, trainables, opt_states, divs, xb, yb
+            )
             loss.block_until_ready()
             if step > 0:  # the first call compiles
                 step_times.append(time.perf_counter() - t)
@@ -401,39 +510,150 @@ def train_and_evaluate(
                 progress(
                     {"event": "step", "step": step, "total_steps": total_steps, "epoch": epoch}
                 )
-        train_loss = np.mean(np.stack(jax.device_get(losses)), axis=0)
-        train_acc = np.mean(np.stack(jax.device_get(accs)), axis=0)
+        # The divergence flags are read here, once an epoch, with the losses.
+        losses, accs, diverged_at = jax.device_get((losses, accs, divs.at))
         val_loss, val_acc = _evaluate(eval_step, subs, trainables, data.x_val, data.y_val)
         best_val = np.maximum(best_val, val_acc)
-        record = {
+        raw = {
             "epoch": epoch + 1,
             "steps": step,
-            "train_loss": float(np.mean(train_loss)),
-            "train_accuracy": float(np.mean(train_acc)),
-            "val_loss": float(np.mean(val_loss)),
-            "val_accuracy": float(np.mean(val_acc)),
-            "per_seed_val_accuracy": [float(a) for a in val_acc],
-            "per_seed_val_loss": [float(a) for a in val_loss],
-            "per_seed_train_loss": [float(a) for a in train_loss],
+            "train_loss": np.mean(np.stack(losses), axis=0),
+            "train_accuracy": np.mean(np.stack(accs), axis=0),
+            "val_loss": val_loss,
+            "val_accuracy": val_acc,
+            "diverged_at": np.asarray(diverged_at),
             "epoch_time_s": time.perf_counter() - t_epoch,
         }
-        history.append(record)
+        epochs.append(raw)
         if progress is not None:
-            progress({"event": "epoch", **record})
+            for i in np.flatnonzero((raw["diverged_at"] > 0) & ~reported):
+                progress(
+                    {
+                        "event": "diverged",
+                        "seed": int(config.seeds[i]),
+                        "step": int(raw["diverged_at"][i]),
+                        "learning_rate": lr,
+                    }
+                )
+            reported |= raw["diverged_at"] > 0
+            progress({"event": "epoch", **_epoch_record(raw)})
 
     test_loss, test_acc = _evaluate(eval_step, subs, trainables, data.x_test, data.y_test)
+    return _Runs(
+        seeds=tuple(int(s) for s in config.seeds),
+        learning_rates=np.full(n, lr),
+        retries=np.full(n, retries),
+        epochs=epochs,
+        best_val=best_val,
+        test_loss=test_loss,
+        test_acc=test_acc,
+        diverged_at=np.asarray(epochs[-1]["diverged_at"]),
+        step_times=step_times,
+        setup_s=setup_s,
+        steps=step,
+        subs=subs,
+        trainables=trainables,
+    )
+
+
+def _retry_diverged(runs: _Runs, lr: float, max_retries: int, train, progress) -> _Runs:
+    """Train the diverged seeds again from scratch at ``lr / RETRY_LR_FACTOR ** k``, k = 1, 2..
+
+    ``train(seeds, lr, retries) -> _Runs`` trains a group of seeds; the retried seeds' records
+    and trainable variables replace theirs in ``runs`` (their subspaces are the same: they
+    depend only on the seed).
+    """
+    for attempt in range(1, max_retries + 1):
+        todo = np.flatnonzero(runs.diverged_at > 0)
+        if not todo.size:
+            break
+        seeds = [runs.seeds[i] for i in todo]
+        lower = lr / RETRY_LR_FACTOR**attempt
+        if progress is not None:
+            progress(
+                {
+                    "event": "message",
+                    "text": f"retrying seeds {seeds} from scratch with learning rate "
+                    f"{lower:g} (retry {attempt} of {max_retries})",
+                }
+            )
+        runs = _replace_seeds(runs, todo, train(seeds, lower, attempt))
+    return runs
+
+
+def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
+    """``runs`` with the seeds at positions ``idx`` replaced by ``new`` (same epochs)."""
+
+    def put(old, values):
+        out = np.array(old, copy=True)
+        out[idx] = values
+        return out
+
+    epochs = [
+        {**e, **{k: put(e[k], f[k]) for k in _PER_SEED_EPOCH}}
+        for e, f in zip(runs.epochs, new.epochs, strict=True)
+    ]
+    trainables = jax.tree_util.tree_map(
+        lambda a, b: a.at[idx].set(b), runs.trainables, new.trainables
+    )
+    return runs._replace(
+        learning_rates=put(runs.learning_rates, new.learning_rates),
+        retries=put(runs.retries, new.retries),
+        epochs=epochs,
+        best_val=put(runs.best_val, new.best_val),
+        test_loss=put(runs.test_loss, new.test_loss),
+        test_acc=put(runs.test_acc, new.test_acc),
+        diverged_at=put(runs.diverged_at, new.diverged_at),
+        trainables=trainables,
+    )
+
+
+def _live_mean(values: np.ndarray, diverged: np.ndarray) -> float | None:
+    """The mean over the seeds that did not diverge; None when every seed diverged."""
+    live = np.asarray(values)[~diverged]
+    return float(np.mean(live)) if live.size else None
+
+
+def _epoch_record(raw: dict) -> dict:
+    """One ``history`` entry: means over the seeds not diverged by the epoch's end."""
+    diverged = raw["diverged_at"] > 0
+    return {
+        "epoch": raw["epoch"],
+        "steps": raw["steps"],
+        "train_loss": _live_mean(raw["train_loss"], diverged),
+        "train_accuracy": _live_mean(raw["train_accuracy"], diverged),
+        "val_loss": _live_mean(raw["val_loss"], diverged),
+        "val_accuracy": _live_mean(raw["val_accuracy"], diverged),
+        "per_seed_val_accuracy": [float(a) for a in raw["val_accuracy"]],
+        "per_seed_val_loss": [float(a) for a in raw["val_loss"]],
+        "per_seed_train_loss": [float(a) for a in raw["train_loss"]],
+        "per_seed_diverged": [bool(d) for d in diverged],
+        "epoch_time_s": raw["epoch_time_s"],
+    }
+
+
+def _result(
+    config: TrainConfig, layout: Layout, data: Dataset, theta0_fn, lr: float, runs: _Runs, t_start
+) -> dict:
+    """The JSON-serialisable result of a run that started at ``t_start`` (``perf_counter``)."""
+    history = [_epoch_record(raw) for raw in runs.epochs]
     final_val = np.asarray(history[-1]["per_seed_val_accuracy"])
+    diverged = runs.diverged_at > 0
     per_seed = [
         {
             "seed": int(s),
             "val_accuracy": float(final_val[i]),
-            "best_val_accuracy": float(best_val[i]),
-            "test_accuracy": float(test_acc[i]),
-            "test_loss": float(test_loss[i]),
+            "best_val_accuracy": float(runs.best_val[i]),
+            "test_accuracy": float(runs.test_acc[i]),
+            "test_loss": float(runs.test_loss[i]),
+            "diverged": bool(diverged[i]),
+            "diverged_step": int(runs.diverged_at[i]) if diverged[i] else None,
+            "learning_rate": float(runs.learning_rates[i]),
+            "retries": int(runs.retries[i]),
         }
-        for i, s in enumerate(config.seeds)
+        for i, s in enumerate(runs.seeds)
     ]
-    result = {
+    return {
         "model": config.model,
         "dataset": config.dataset,
         "projection": config.projection if config.dim else "none",
@@ -444,16 +664,18 @@ def train_and_evaluate(
         "per_layer": bool(config.per_layer),
         "theta0": _theta0_source(config, theta0_fn),
         "burn_in_steps": int(config.burn_in_steps),
-        "val_accuracy": float(np.mean(final_val)),
-        "best_val_accuracy": float(np.mean(best_val)),
-        "test_accuracy": float(np.mean(test_acc)),
-        "test_loss": float(np.mean(test_loss)),
-        "step_time_ms": median_ms(step_times),
+        "val_accuracy": _live_mean(final_val, diverged),
+        "best_val_accuracy": _live_mean(runs.best_val, diverged),
+        "test_accuracy": _live_mean(runs.test_acc, diverged),
+        "test_loss": _live_mean(runs.test_loss, diverged),
+        "diverged": bool(diverged.any()),
+        "diverged_seeds": [int(s) for s, d in zip(runs.seeds, diverged, strict=True) if d],
+        "step_time_ms": median_ms(runs.step_times),
         "peak_memory_bytes": peak_memory_bytes(),
-        "setup_time_s": setup_s,
+        "setup_time_s": runs.setup_s,
         "wall_time_s": time.perf_counter() - t_start,
         "learning_rate": lr,
-        "steps": step,
+        "steps": runs.steps,
         "seeds": [int(s) for s in config.seeds],
         "per_seed": per_seed,
         "history": history,
@@ -461,9 +683,6 @@ def train_and_evaluate(
         "config": config.to_dict(),
         "backend": jax.default_backend(),
     }
-    if return_state:
-        return result, Trained(model, subs, trainables)
-    return result
 
 
 def _theta0_source(config: TrainConfig, theta0_fn) -> str:

@@ -3,12 +3,16 @@
 Both steps are pure functions of ``(sub, trainable, opt_state, x, y)``; the subspace (which
 holds P) is an argument, never a closure, so a large P is not baked into the compiled program
 as a constant. ``jax.vmap`` over the first three arguments trains several seeds in one program.
+
+:func:`guard_finite` wraps a training step so that a run whose loss or state becomes
+non-finite stops updating and records the step (like ``optax.apply_if_finite``, but for good):
+the record stays on the device, so guarding adds no host synchronisation to a step.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,6 +74,78 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     return step
 
 
+class Divergence(NamedTuple):
+    """A run's divergence record, carried through the guarded step (on the device).
+
+    Attributes:
+      steps: int32 scalar, the optimiser steps attempted so far.
+      at: int32 scalar, the 1-based number of the first step whose loss or new trainable was
+        non-finite (the run's state is that after step ``at - 1``); 0 while finite.
+    """
+
+    steps: jax.Array
+    at: jax.Array
+
+
+def init_divergence() -> Divergence:
+    """The record of a run that has taken no step. Batch it over seeds with ``jax.vmap``."""
+    zero = jnp.zeros((), jnp.int32)
+    return Divergence(steps=zero, at=zero)
+
+
+def all_finite(tree: PyTree) -> jax.Array:
+    """Boolean scalar: every floating-point entry of ``tree`` is finite (integer leaves pass)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
+def guard_finite(step):
+    """Make a training step stop a run for good at its first non-finite loss or trainable.
+
+    Args:
+      step: ``step(sub, trainable, opt_state, x, y) -> (trainable, opt_state, loss, acc)``,
+        e.g. from :func:`make_train_step`.
+
+    Returns:
+      ``guarded(sub, trainable, opt_state, div, x, y) -> (trainable, opt_state, div, loss, acc)``
+      with ``div`` a :class:`Divergence`. While the loss and the new trainable are finite it
+      returns ``step``'s values unchanged (bit for bit); at the first step where either is
+      not, it records the step in ``div.at`` and from then on returns the trainable and
+      optimiser state of the last finite step (a select, no branch: it vmaps over seeds, one
+      flag per seed). The loss and accuracy are those computed at the state passed in.
+
+      The optimiser state is kept with the trainable but not checked itself: a non-finite
+      state reaches the trainable at the next update, and checking Adam's two moment vectors
+      made a directly trained MLP's step about 20% slower.
+
+    Example:
+      >>> guarded = jax.jit(guard_finite(make_train_step(model.apply, optax.sgd(0.1))))
+      >>> t, o, div, loss, acc = guarded(sub, t, o, init_divergence(), x, y)
+      >>> int(div.at)  # 0: finite so far
+    """
+
+    def guarded(sub, trainable, opt_state, div: Divergence, x, y):
+        new_trainable, new_opt_state, loss, acc = step(sub, trainable, opt_state, x, y)
+        finite = jnp.isfinite(loss) & all_finite(new_trainable)
+        live = div.at == 0
+        update = live & finite
+
+        def keep(new, old):
+            return jnp.where(update, new, old)
+
+        trainable = jax.tree_util.tree_map(keep, new_trainable, trainable)
+        opt_state = jax.tree_util.tree_map(keep, new_opt_state, opt_state)
+        steps = div.steps + 1
+        at = jnp.where(live & ~finite, steps, div.at)
+        return trainable, opt_state, Divergence(steps=steps, at=at), loss, acc
+
+    return guarded
+
+
 def make_eval_step(apply_fn: ApplyFn):
     """Build ``eval(sub, trainable, x, y) -> (sum of losses, number correct)`` over a chunk."""
 
@@ -81,13 +157,29 @@ def make_eval_step(apply_fn: ApplyFn):
     return evaluate
 
 
-def compile_steps(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, l2: float = 0.0):
+def compile_steps(
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    l2: float = 0.0,
+    *,
+    guard: bool = False,
+):
     """Jitted, seed-vmapped ``(train_step, eval_step)``: leading axis = seed, data shared.
 
     ``train_step(subs, trainables, opt_states, x, y)`` with ``subs`` etc. batched over seeds and
     ``x, y`` one batch for all seeds; ``eval_step(subs, trainables, x, y)`` likewise. The
     trainable state and optimiser state are donated, so they are updated in place.
+
+    With ``guard=True`` the train step is :func:`guard_finite`'s,
+    ``train_step(subs, trainables, opt_states, divs, x, y) -> (trainables, opt_states, divs,
+    loss, acc)``, with ``divs`` a :class:`Divergence` batched over seeds (also donated).
     """
-    train = jax.vmap(make_train_step(apply_fn, optimizer, l2), in_axes=(0, 0, 0, None, None))
+    step = make_train_step(apply_fn, optimizer, l2)
+    if guard:
+        train = jax.vmap(guard_finite(step), in_axes=(0, 0, 0, 0, None, None))
+        donate = (1, 2, 3)
+    else:
+        train = jax.vmap(step, in_axes=(0, 0, 0, None, None))
+        donate = (1, 2)
     evaluate = jax.vmap(make_eval_step(apply_fn), in_axes=(0, 0, None, None))
-    return jax.jit(train, donate_argnums=(1, 2)), jax.jit(evaluate)
+    return jax.jit(train, donate_argnums=donate), jax.jit(evaluate)
