@@ -78,6 +78,7 @@ def assert_one_error(code, err, path, out=""):
 # ---- damaged compressed models -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream, damage", enumerate([truncations, byte_changes, bit_flips]))
 def test_damaged_compressed_model_is_one_error(models, tmp_path, capsys, stream, damage):
     data = models[0].read_bytes()
@@ -116,6 +117,7 @@ _write_archive({dest!r}, header, arrays)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_of_a_save_never_leaves_a_partial_model(models, tmp_path):
     old, new = models
     dest = tmp_path / "model.npz"
