@@ -95,6 +95,7 @@ def test_damaged_compressed_model_is_one_error(models, tmp_path, capsys, stream,
         assert_one_error(code, errout, path)
 
 
+@pytest.mark.slow
 def test_damaged_compressed_model_through_the_real_entry_point(models, tmp_path):
     data = models[0].read_bytes()
     path = tmp_path / "cut.npz"
