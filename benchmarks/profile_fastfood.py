@@ -21,7 +21,7 @@ import optax
 
 import subspace_jax as sj
 from subspace_jax.models import build_model
-from subspace_jax.projections._hadamard import fwht
+from subspace_jax.projections import fwht
 from subspace_jax.train import make_train_step, median_ms, time_call
 
 OUT = Path(__file__).resolve().parent / "results"

@@ -17,7 +17,7 @@ import math
 import sys
 import time
 
-from subspace_jax import _results
+from subspace_jax import results
 from subspace_jax.bench import plot_benchmark, run_benchmark
 
 MODELS = (("mlp", "cifar10"), ("mlp", "mnist"))
@@ -70,7 +70,7 @@ def main(argv=None) -> int:
 
     def progress(rec: dict) -> None:
         records.append(_round(rec))
-        _results.write_json(args.out, records)
+        results.write_json(args.out, records)
         what = rec.get("skipped") or (
             f"{rec['step_time_ms']:.2f} ms = {rec['ratio']:.2f}x direct, "
             f"peak {rec['peak_memory_bytes'] / 2**20:.0f} MiB"
@@ -98,7 +98,7 @@ def main(argv=None) -> int:
             progress=progress,
         )
     records = [_round(r) for r in final]  # the grid's order: model, projection, d
-    _results.write_json(args.out, records)
+    results.write_json(args.out, records)
     if args.png:
         plot_benchmark(records, args.png)
     print(f"{len(records)} records in {time.perf_counter() - t0:.0f}s: {args.out}", file=sys.stderr)

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 import run as runner  # noqa: E402  (experiments/run.py: config loading and invocations)
 
-from subspace_jax import _results  # noqa: E402
+from subspace_jax import results  # noqa: E402
 from subspace_jax.intrinsic_dim import RUNS_FILE, describe_estimate, summarize_sweep  # noqa: E402
 
 RESULTS = ROOT / "results"
@@ -80,16 +80,16 @@ SWEEPS = [
 
 def read_train(experiment: str, run: str) -> dict | None:
     path = RESULTS / experiment / f"{run}.json"
-    return _results.read_json(path) if path.exists() else None
+    return results.read_json(path) if path.exists() else None
 
 
 def read_sweep(experiment: str, run: str) -> tuple[list[dict], list[dict]] | None:
     """(baseline records, subspace records) of the sweep run last in that folder."""
     summary = RESULTS / experiment / run / "sweep.json"
     if summary.exists():  # what the last sweep used (its baseline may come from an older key)
-        data = _results.read_json(summary)
+        data = results.read_json(summary)
         return list(data["baseline"]["runs"]), list(data["runs"])
-    records = _results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
+    records = results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
     if not records:
         return None
     key = records[-1]["config_key"]
@@ -230,7 +230,7 @@ def _sweep_figure(key: str, experiment: str, run: str, title: str, base, sub) ->
     summ = summarize_sweep(base, sub) if base else None
     path = FIGURES / f"{experiment}_{run}.png"
     cfg_proj = sub[0]["projection"]
-    _results.plot_accuracy_vs_dim(
+    results.plot_accuracy_vs_dim(
         path,
         sub,
         baseline=summ["baseline_accuracy"] if summ else None,
@@ -471,7 +471,7 @@ def section_small() -> str:
             [sub_sparse[n]["val_accuracy"] for n in ns],
         )
     path = FIGURES / "small_models.png"
-    _results.plot_lines(
+    results.plot_lines(
         path,
         series,
         xlabel="trainable parameters",
@@ -573,7 +573,7 @@ def section_summary() -> str:
     experiments = {p.stem for p in (Path(__file__).parent / "configs").glob("*.json")}
     for path in RESULTS.glob("*/*.json"):
         if path.parent.name in experiments:
-            wall += _results.read_json(path).get("wall_time_s", 0.0)
+            wall += results.read_json(path).get("wall_time_s", 0.0)
     for path in RESULTS.glob(f"*/*/{RUNS_FILE}"):
         if path.parent.parent.name in experiments:
             wall += sum(r["wall_time_s"] for r in _dedupe(path))
@@ -585,7 +585,7 @@ def section_summary() -> str:
 def _dedupe(path: Path) -> list[dict]:
     """One record per (config, d) of a runs.jsonl file: vmapped seeds share one run."""
     seen = {}
-    for r in _results.read_jsonl(path):
+    for r in results.read_jsonl(path):
         seen[(r["config_key"], int(r["dim"]))] = r
     return list(seen.values())
 

@@ -1,24 +1,26 @@
-"""Writing results: atomic JSON, append-only JSON lines, CSV, and the PNG plots.
+"""Writing results: atomic JSON, append-only JSON lines, and the PNG plots.
 
-One small module writes every file, so the commands never lose results: JSON, CSV and plots
-are written to a temporary file in the destination's folder, flushed to disk and renamed over
-the destination (:func:`atomic_write`), so a reader sees the old file or the new one, never a
-half-written one; each finished run is appended to a ``.jsonl`` file at once.
+Public under the name :mod:`subspace_jax.results` (for experiments/ and benchmarks/). One small
+module writes every file, so the commands never lose results: JSON and plots are written to a
+temporary file in the destination's folder, flushed to disk and renamed over the destination
+(:func:`atomic_write`), so a reader sees the old file or the new one, never a half-written one;
+each finished run is appended to a ``.jsonl`` file at once.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import json
 import math
 import os
 import secrets
 import stat
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _clean(obj: Any) -> Any:
@@ -207,17 +209,6 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return out
 
 
-def write_csv(path: str | os.PathLike, rows: Iterable[dict], columns: Sequence[str]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path, newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(_clean(row))
-    return path
-
-
 def _save_figure(fig, path: str | os.PathLike) -> None:
     """``fig.savefig`` through :func:`atomic_write` (the format from the suffix, PNG if none)."""
     path = Path(path)
@@ -227,6 +218,11 @@ def _save_figure(fig, path: str | os.PathLike) -> None:
 
 
 def _pyplot():
+    """pyplot with the file-only Agg backend.
+
+    Imported here, on the first plot, not at module level: the backend must be chosen before
+    pyplot is imported, and commands that draw nothing skip matplotlib's import time.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -248,8 +244,6 @@ def plot_accuracy_vs_dim(
 ) -> Path:
     """Accuracy vs d (log x axis): each seed as a dot, the mean as a line, the baseline solid
     and ``fraction * baseline`` dotted, as in Li et al. 2018 Figs. 1-4 and the seed report."""
-    import numpy as np
-
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     dims = sorted({int(r["dim"]) for r in runs if int(r["dim"]) > 0})

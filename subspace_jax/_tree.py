@@ -53,16 +53,12 @@ class FlatSpec(NamedTuple):
 
 
 def path_to_str(path: Sequence[Any]) -> str:
-    """Turn a JAX key path into ``"a/b/c"``."""
-    parts = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                parts.append(str(getattr(k, attr)))
-                break
-        else:
-            parts.append(str(k))
-    return "/".join(parts)
+    """Turn a JAX key path into ``"a/b/c"`` (dict keys, attribute names and indices).
+
+    These strings are a file and CLI contract: the leaf names in ``.npz`` checkpoints and the
+    keys of ``dims=`` / ``labels=`` (``--dims``). ``tests/test_tree.py`` pins the format.
+    """
+    return jax.tree_util.keystr(tuple(path), simple=True, separator="/")
 
 
 def leaf_specs(tree: PyTree) -> FlatSpec:
@@ -122,7 +118,10 @@ def flatten(tree: PyTree) -> tuple[jax.Array, FlatSpec]:
     leaves = jax.tree_util.tree_leaves(tree)
     if not leaves:
         return jnp.zeros((0,), jnp.float32), spec
-    flat = jnp.concatenate([jnp.ravel(x) for x in leaves])
+    # The leaves' common dtype by JAX's standard rules, cast explicitly (as strict mode wants).
+    with jax.numpy_dtype_promotion("standard"):
+        dtype = jnp.result_type(*leaves)
+    flat = jnp.concatenate([jnp.ravel(x).astype(dtype) for x in leaves])
     return flat, spec
 
 

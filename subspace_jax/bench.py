@@ -52,6 +52,7 @@ import json
 import math
 import numbers
 import os
+import platform
 import resource
 import signal
 import subprocess
@@ -62,11 +63,38 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from subspace_jax import _results
+from subspace_jax._subspace import (
+    check_finite,
+    init_from_layout,
+    init_subspace,
+    init_trainable,
+    make_layout,
+)
+from subspace_jax.data import DATASETS
+from subspace_jax.models import build_model, model_names
+from subspace_jax.projections import choose_projection, default_learning_rate, get_projection
+from subspace_jax.projections._auto import (
+    DEFAULT_BUDGET_FRACTION,
+    _host_available_bytes,
+    available_memory_bytes,
+)
+from subspace_jax.projections._sparse import SPARSE_VARIANTS, max_nnz_per_column
+from subspace_jax.train import (
+    DIRECT_LR,
+    TrainConfig,
+    make_optimizer,
+    make_train_step,
+    train_and_evaluate,
+)
+from subspace_jax.train import input_shape as train_input_shape
+
 #: Memory a projection may need while it is drawn and applied, as a multiple of its state.
 WORKING_FACTOR = 3
-#: Fraction of the available memory (host MemAvailable, or free accelerator memory) a cell may
-#: use when no budget is given.
-DEFAULT_BUDGET_FRACTION = 0.7
 #: Default limit on a cell's estimated run time (setup + warm-up + timed steps), seconds.
 DEFAULT_MAX_CELL_SECONDS = 60.0
 #: Projections whose state is a stored ``(D, d)`` float32 matrix: they get ``floor_ms``.
@@ -135,15 +163,11 @@ def input_shape(model: str, dataset: str) -> tuple[int, int, int]:
     Raises:
       ValueError: for an unknown dataset.
     """
-    from subspace_jax.train import input_shape as train_input_shape
-
     return train_input_shape(model, dataset)
 
 
 def _work(name: str, D: int, d: int) -> tuple[str, float, float]:
     """``(cost kind, units, QR flops)`` of a projection in the cost model ("" if unknown)."""
-    from subspace_jax.projections._sparse import SPARSE_VARIANTS, max_nnz_per_column
-
     entries = float(D) * d
     if name in ("dense", "dense_unnormalized"):
         return "stored", entries, 0.0
@@ -200,8 +224,6 @@ def cpu_model_name() -> str:
 
 def host_description() -> str:
     """The host's CPU model and core count, e.g. ``"AMD EPYC 9B14, 2 cores"``."""
-    import platform
-
     name = cpu_model_name()
     return f"{name or platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
@@ -214,18 +236,10 @@ def _load_average() -> float | None:
         return None
 
 
-def _host_available_bytes() -> int:
-    from subspace_jax.projections._auto import _host_available_bytes as avail
-
-    return int(avail())
-
-
 # ------------------------------------------------------------------------------ measurement
 
 
 def _peak_memory(backend: str) -> tuple[int, str]:
-    import jax
-
     if backend != "cpu":
         stats = jax.devices()[0].memory_stats() or {}
         if "peak_bytes_in_use" in stats:
@@ -241,8 +255,6 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
     written once) with the input donated, so the output reuses its buffer and no fresh pages
     are touched; blocked until ready, best of ``repeats`` after one warm-up.
     """
-    import jax
-    import jax.numpy as jnp
 
     n = max(1, int(nbytes) // 4)
     f = jax.jit(lambda a: a + 1.0, donate_argnums=0)
@@ -260,11 +272,6 @@ class _Stepper:
     """One jitted training step with its state, timed in place (state is donated)."""
 
     def __init__(self, model, sub, lr: float):
-        import jax
-        import jax.numpy as jnp
-
-        from subspace_jax._subspace import init_trainable
-        from subspace_jax.train import make_optimizer, make_train_step
 
         opt = make_optimizer("adam", lr)
 
@@ -278,8 +285,6 @@ class _Stepper:
         self.step = jax.jit(make_train_step(model.apply, opt), donate_argnums=(1, 2))
 
     def run(self, x, y, n: int) -> list[float]:
-        import jax
-
         times = []
         for _ in range(n):
             t = time.perf_counter()
@@ -292,8 +297,6 @@ class _Stepper:
 
 
 def _median_ms(seconds: Sequence[float]) -> float:
-    import numpy as np
-
     return float(np.median(seconds) * 1e3)
 
 
@@ -301,12 +304,6 @@ class _Worker:
     """What one process measures: the direct step once, then any number of cells."""
 
     def __init__(self, spec: Mapping[str, Any]):
-        import jax
-        import numpy as np
-
-        from subspace_jax._subspace import init_subspace
-        from subspace_jax.models import build_model
-        from subspace_jax.train import DIRECT_LR
 
         self.spec = spec
         self.backend = jax.default_backend()
@@ -325,11 +322,8 @@ class _Worker:
         self.direct.run(self.x, self.y, self.warmup)  # compiles
 
     def direct_record(self) -> Record:
-        import jax
-
         times = self.direct.run(self.x, self.y, self.steps)
         peak, kind = _peak_memory(self.backend)
-        from subspace_jax.projections._auto import available_memory_bytes
 
         return {
             "kind": "direct",
@@ -344,10 +338,6 @@ class _Worker:
         }
 
     def cell(self, name: str, d: int) -> Record:
-        import jax
-
-        from subspace_jax._subspace import check_finite, init_from_layout, make_layout
-        from subspace_jax.projections import default_learning_rate, get_projection
 
         D = int(self.model.num_params)
         before = self.direct.run(self.x, self.y, self.steps)
@@ -402,7 +392,6 @@ class _Worker:
         return rec
 
     def accuracy(self, name: str, d: int) -> Record:
-        from subspace_jax.train import TrainConfig, train_and_evaluate
 
         spec = self.spec
         config = TrainConfig(
@@ -453,7 +442,6 @@ def _worker_main(argv: Sequence[str]) -> int:
     if len(argv) != 3 or argv[0] != "--one":
         print("usage: python -m subspace_jax.bench --one SPEC.json OUT.jsonl", file=sys.stderr)
         return 2
-    from subspace_jax import _results
 
     spec = json.loads(Path(argv[1]).read_text())
     _work_through(spec, lambda rec: _results.append_jsonl(argv[2], rec))
@@ -467,7 +455,6 @@ def _run_isolated(
     spec: Mapping[str, Any], workdir: Path, tag: str, timeout_s: float
 ) -> tuple[list[Record], str | None]:
     """Run ``spec`` in a fresh Python process; its records and, if it died, why."""
-    from subspace_jax import _results
 
     spec_path = workdir / f"{tag}.json"
     out_path = workdir / f"{tag}.jsonl"
@@ -505,9 +492,6 @@ def _run_isolated(
 def _validate(
     model, dataset, dims, projections, steps, batch_size, warmup, isolate, accuracy_steps, data_dir
 ):
-    from subspace_jax.data import DATASETS
-    from subspace_jax.models import model_names
-    from subspace_jax.projections import get_projection
 
     if model not in model_names():
         raise ValueError(f"unknown model {model!r}; choose one of: {', '.join(model_names())}")
@@ -610,8 +594,6 @@ def run_benchmark(
         accuracy_steps,
         data_dir,
     )
-    from subspace_jax.models import build_model  # noqa: F401  (fail early on import errors)
-    from subspace_jax.projections import choose_projection, get_projection
 
     shape = input_shape(model, dataset)
     spec = {
@@ -764,7 +746,6 @@ def plot_benchmark(records: Sequence[Record], path: str | os.PathLike) -> list[P
     Returns:
       The paths written.
     """
-    from subspace_jax import _results
 
     path = Path(path)
     suffix = path.suffix or ".png"

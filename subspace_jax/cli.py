@@ -1038,7 +1038,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-budget-gb",
         type=_positive_float,
         default=None,
-        help="memory a cell may use (default 70%% of the available memory)",
+        help="memory a cell may use (default 50%% of the available memory)",
     )
     p.add_argument(
         "--max-cell-seconds",

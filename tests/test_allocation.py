@@ -58,6 +58,7 @@ def _mlp_theta0():
     }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("projection", ["dense", "fastfood", "sparse_very"])
 def test_per_leaf_up_to_d_equals_D(projection):
     theta0 = _mlp_theta0()

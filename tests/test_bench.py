@@ -67,6 +67,7 @@ def test_bad_arguments_are_rejected_before_anything_runs(kwargs, match):
         )
 
 
+@pytest.mark.slow
 def test_isolated_cells_report_their_own_peak_memory():
     recs = bench.run_benchmark("mlp_small", "digits", [4], ["dense_hash"], isolate="cell", **TINY)
     rec = recs[0]
@@ -77,6 +78,7 @@ def test_isolated_cells_report_their_own_peak_memory():
         assert 50 * 2**20 < rec[key] < 4 * 2**30
 
 
+@pytest.mark.slow
 def test_a_process_that_dies_becomes_a_reason(tmp_path):
     spec = {
         "model": "no_such_model",
@@ -132,6 +134,7 @@ def test_a_killed_process_skips_its_cell_and_the_rest_run_again(monkeypatch):
         assert by[d]["direct_peak_memory_bytes"] == 10
 
 
+@pytest.mark.slow
 def test_cli_records_skip_reasons_json_and_png(tmp_path, capsys, monkeypatch):
     """In-process run through the CLI: every kind of skip, the contract and the dense floor."""
     # A budget the stored dense matrix fits in at d = 8 but not at d = D.

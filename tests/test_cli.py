@@ -36,6 +36,7 @@ def run_json(tmp_path, args, name="out.json"):
     return json.loads(path.read_text())
 
 
+@pytest.mark.slow
 def test_train_json_contract(tmp_path):
     res = run_json(tmp_path, ["train", *TINY, "--dim", "20", "--projection", "dense"])
     assert TRAIN_FIELDS <= set(res)
@@ -46,6 +47,7 @@ def test_train_json_contract(tmp_path):
     assert res["history"][0]["steps"] == 15
 
 
+@pytest.mark.slow
 def test_train_same_seed_is_reproducible_and_vmapped_seeds_match_single_runs(tmp_path):
     args = ["train", *TINY, "--dim", "30", "--projection", "sparse_very"]
     a = run_json(tmp_path, [*args, "--seeds", "1"], "a.json")
@@ -65,6 +67,7 @@ def test_train_same_seed_is_reproducible_and_vmapped_seeds_match_single_runs(tmp
     )
 
 
+@pytest.mark.slow
 def test_sweep_writes_results_plot_and_reuses_finished_runs(tmp_path):
     out = tmp_path / "sweep"
     args = ["sweep", *TINY, "--dims", "4,16", "--out", str(out)]
@@ -80,6 +83,7 @@ def test_sweep_writes_results_plot_and_reuses_finished_runs(tmp_path):
     assert again["runs"] == res["runs"]
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_keeps_finished_runs(tmp_path, monkeypatch):
     from subspace_jax.intrinsic_dim import _sweep
 
@@ -137,6 +141,7 @@ def test_bad_learning_rate_is_rejected_by_the_parser(lr, capsys):
     assert "--lr" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_corrupt_data_file_is_a_short_error_from_the_real_entry_point(tmp_path):
     for name in [
         "train-images-idx3-ubyte.gz",

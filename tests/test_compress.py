@@ -28,6 +28,9 @@ from subspace_jax.compress import (
 from subspace_jax.models import from_config
 from subspace_jax.train import TrainConfig, Trained, load_data, train_and_evaluate
 
+# Every test uses the module's trained run (end to end): the whole file is in the slow tier.
+pytestmark = pytest.mark.slow
+
 # mlp_small of width 32 on digits: D = (784 + 10 + 1) * 32 + 10 = 25,450 parameters.
 CONFIG = TrainConfig(
     model="mlp_small",

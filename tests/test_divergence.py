@@ -63,6 +63,7 @@ def test_guard_records_the_first_non_finite_step_and_freezes_only_that_seed():
     np.testing.assert_array_equal(np.asarray(opt[1]), [3, 4, 0, 10])
 
 
+@pytest.mark.slow
 def test_guarded_step_is_bit_identical_to_the_plain_step_while_finite(data):
     model = build_model("mlp_small", (28, 28, 1), 10)
     opt = optax.adam(0.01)
@@ -118,6 +119,7 @@ def one_diverged(data):
     return run
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", [0, 40])
 def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(
     data, one_diverged, dim, tmp_path
@@ -225,6 +227,7 @@ def test_bad_divergence_flags_are_a_short_error(args, capsys):
     assert "Traceback" not in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dim", ["0", "100"])
 def test_train_cli_flags_divergence_and_exits_3(tmp_path, capsys, dim):
     # The case: plain SGD at 1e6 on the default digits data, one epoch.

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _references import fastfood_numpy, fwht_numpy, orthogonal_hadamard_numpy, sylvester
 
 from subspace_jax import projections as pj
 from subspace_jax.projections import _fastfood as ff
@@ -29,6 +30,8 @@ CASES = (
     + [("orthogonal_hadamard", D, d) for D, d in [(1, 1), (64, 64), (300, 300), (1000, 300)]]
     + [("fastfood_per_block_signs", D, d) for D, d in [(50, 1), (1000, 300)]]
 )
+#: The fast tier keeps the small cases (d = 1, D <= 50; a few seconds to compile each size).
+CASES = [c if c[2] == 1 else pytest.param(*c, marks=pytest.mark.slow) for c in CASES]
 REGISTERED = ["fastfood", "orthogonal_hadamard"]
 
 
@@ -50,73 +53,10 @@ def _matrix(proj, seed, D, d):
 # --------------------------------------------------------------------------------------------
 
 
-def _sylvester(n):
-    """H_n from its closed form (-1)^popcount(i & j), not from the recursive construction."""
-    i = np.arange(n)
-    bits = np.bitwise_and(i[:, None], i[None, :])
-    parity = np.zeros((n, n), np.int64)
-    while bits.any():
-        parity ^= bits & 1
-        bits = bits >> 1
-    return 1.0 - 2.0 * parity
-
-
-def _fwht_numpy(x):
-    """Textbook float64 butterfly along the last axis."""
-    x = np.array(x, np.float64)
-    n, h = x.shape[-1], 1
-    while h < n:
-        y = x.reshape(*x.shape[:-1], n // (2 * h), 2, h)
-        x = np.stack([y[..., 0, :] + y[..., 1, :], y[..., 0, :] - y[..., 1, :]], axis=-2)
-        x = x.reshape(*x.shape[:-3], n)
-        h *= 2
-    return x
-
-
-def _perm_matrix(perm):
-    """The matrix of ``x -> x[perm]``."""
-    n = len(perm)
-    M = np.zeros((n, n))
-    M[np.arange(n), perm] = 1.0
-    return M
-
-
-def _fastfood_numpy(state):
-    """``(V_1; ...; V_nb)[:D, :d]`` with ``V_b = S_b H G_b Pi_b H B_b``, in float64."""
-    gauss = np.asarray(state.gauss, np.float64)
-    signs = np.asarray(state.signs, np.float64)
-    scale = np.asarray(state.scale, np.float64)
-    perm = np.asarray(state.perm)
-    nb, n = gauss.shape
-    H = _sylvester(n)
-    blocks = []
-    for b in range(nb):
-        B = signs[b if signs.shape[0] > 1 else 0]
-        V = (scale[b][:, None] * H) @ (gauss[b][:, None] * _perm_matrix(perm[b])) @ (H * B)
-        blocks.append(V)
-    return np.concatenate(blocks)[: state.D, : state.d]
-
-
-def _orthogonal_hadamard_numpy(state):
-    """``prod_t T_last Sigma'_t T_first Sigma_t Pi_t`` on the first d unit vectors, in float64."""
-    D, d = state.D, state.d
-    m = 1 << (D.bit_length() - 1)
-    Hm = _sylvester(m) / np.sqrt(m)
-    X = np.eye(D)[:, :d]
-    for t in range(state.perm.shape[0]):
-        s0, s1 = (np.asarray(state.signs[t, i], np.float64)[:, None] for i in (0, 1))
-        X = s0 * X[np.asarray(state.perm[t])]  # Sigma_t Pi_t
-        X[:m] = Hm @ X[:m]  # T_first
-        if m < D:  # T_last Sigma'_t; for a power-of-two D there is only one window
-            X = s1 * X
-            X[D - m :] = Hm @ X[D - m :]
-    return X
-
-
 REFERENCES = {
-    "fastfood": _fastfood_numpy,
-    "fastfood_per_block_signs": _fastfood_numpy,
-    "orthogonal_hadamard": _orthogonal_hadamard_numpy,
+    "fastfood": fastfood_numpy,
+    "fastfood_per_block_signs": fastfood_numpy,
+    "orthogonal_hadamard": orthogonal_hadamard_numpy,
 }
 
 
@@ -129,14 +69,16 @@ def _vec(seed, n):
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 64, 128, 512, 1 << 13])
+@pytest.mark.parametrize(
+    "n", [1, 2, 4, 8, 64, 128, 512, pytest.param(1 << 13, marks=pytest.mark.slow)]
+)
 @pytest.mark.parametrize("matmul_last", [False, True])
 def test_fwht_matches_dense_hadamard(n, matmul_last):
     x = np.random.default_rng(n).standard_normal((3, n)).astype(np.float32)
     got = np.asarray(fwht(jnp.asarray(x), matmul_last=matmul_last), np.float64)
-    want = _fwht_numpy(x)
+    want = fwht_numpy(x)
     if n <= 512:
-        np.testing.assert_allclose(want, x.astype(np.float64) @ _sylvester(n), atol=1e-9 * n)
+        np.testing.assert_allclose(want, x.astype(np.float64) @ sylvester(n), atol=1e-9 * n)
     np.testing.assert_allclose(got, want, atol=1e-5 * np.sqrt(n) * np.abs(x).max() * 4)
     normed = np.asarray(fwht(jnp.asarray(x), normalize=True, matmul_last=matmul_last))
     np.testing.assert_allclose(normed, want / np.sqrt(n), atol=1e-5 * np.abs(x).max() * 4)
@@ -145,7 +87,7 @@ def test_fwht_matches_dense_hadamard(n, matmul_last):
 def test_hadamard_matrix_is_sylvester_and_orthogonal():
     for n in [1, 2, 16, 256]:
         H = hadamard_matrix(n)
-        np.testing.assert_array_equal(H, _sylvester(n))
+        np.testing.assert_array_equal(H, sylvester(n))
         np.testing.assert_array_equal(H @ H, n * np.eye(n))
 
 
@@ -164,7 +106,7 @@ def test_fwht_under_jit_grad_and_vmap():
     n = 256
     x = jnp.asarray(_vec(0, n))
     c = jnp.asarray(_vec(1, n))
-    H = _sylvester(n)
+    H = sylvester(n)
     # d/dx <c, H x> = H^T c = H c
     g = jax.jit(jax.grad(lambda x: jnp.vdot(c, fwht(x))))(x)
     np.testing.assert_allclose(np.asarray(g), H @ np.asarray(c, np.float64), atol=1e-3)
@@ -213,6 +155,7 @@ def test_hand_written_transpose_equals_autodiff_transpose(name):
     np.testing.assert_allclose(np.asarray(mine), np.asarray(auto), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", REGISTERED)
 def test_grad_is_transpose_and_vmap_over_keys_equals_loop(name):
     proj = PROJECTIONS[name]
@@ -274,6 +217,7 @@ def test_fastfood_sizes_and_state_layout():
     assert shared.signs.shape == (1, n)
 
 
+@pytest.mark.slow
 def test_fastfood_unit_expected_column_norm():
     """E||P e_j||^2 = 1: the mean squared column norm over columns and keys is 1 within 2%.
 
@@ -304,7 +248,9 @@ def test_fastfood_columns_nearly_orthogonal_and_spread():
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("D,d", [(1000, 300), (5000, 50), (300, 300), (64, 64)])
+@pytest.mark.parametrize(
+    "D,d", [(1000, 300), pytest.param(5000, 50, marks=pytest.mark.slow), (300, 300), (64, 64)]
+)
 def test_orthogonal_hadamard_exactly_orthonormal(D, d):
     proj = PROJECTIONS["orthogonal_hadamard"]
     P = _matrix(proj, D, D, d)

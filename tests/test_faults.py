@@ -78,6 +78,7 @@ def assert_one_error(code, err, path, out=""):
 # ---- damaged compressed models -----------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stream, damage", enumerate([truncations, byte_changes, bit_flips]))
 def test_damaged_compressed_model_is_one_error(models, tmp_path, capsys, stream, damage):
     data = models[0].read_bytes()
@@ -94,6 +95,7 @@ def test_damaged_compressed_model_is_one_error(models, tmp_path, capsys, stream,
         assert_one_error(code, errout, path)
 
 
+@pytest.mark.slow
 def test_damaged_compressed_model_through_the_real_entry_point(models, tmp_path):
     data = models[0].read_bytes()
     path = tmp_path / "cut.npz"
@@ -116,6 +118,7 @@ _write_archive({dest!r}, header, arrays)
 """
 
 
+@pytest.mark.slow
 def test_sigkill_at_any_moment_of_a_save_never_leaves_a_partial_model(models, tmp_path):
     old, new = models
     dest = tmp_path / "model.npz"
@@ -209,17 +212,19 @@ def test_result_files_are_0644_and_atomic(tmp_path):
     old_umask = os.umask(0o022)
     try:
         path = _results.write_json(tmp_path / "r.json", {"a": 1})
-        csv = _results.write_csv(tmp_path / "r.csv", [{"a": 1}], ["a"])
+        png = _results.plot_lines(
+            tmp_path / "r.png", {"s": ([1, 2], [3, 4])}, xlabel="x", ylabel="y"
+        )
     finally:
         os.umask(old_umask)
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
-    assert stat.S_IMODE(csv.stat().st_mode) == 0o644
-    assert csv.read_text().splitlines() == ["a", "1"]
+    assert stat.S_IMODE(png.stat().st_mode) == 0o644
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # An existing file keeps its permission bits.
     path.chmod(0o600)
     _results.write_json(path, {"a": 2})
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and json.loads(path.read_text()) == {"a": 2}
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "r.png"]
 
 
 def test_a_failed_result_write_leaves_no_temporary_file(tmp_path):

@@ -331,6 +331,7 @@ def test_bad_arguments_are_rejected_before_training(tmp_path, fake, kw, message)
     assert fake.calls == []
 
 
+@pytest.mark.slow
 def test_cli_id_end_to_end_on_digits(tmp_path, capsys):
     """Two real trainings (d = 32 misses 0.5 x 0.3, d = 64 reaches it): the whole pipeline."""
     out = tmp_path / "id"

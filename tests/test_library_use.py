@@ -122,6 +122,8 @@ class BNNet(nn.Module):
         return nn.Dense(3)(x)
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("standard_dtype_promotion")
 def test_batchnorm_cnn_trains_params_in_the_subspace_and_updates_batch_stats():
     model = BNNet()
     rng = np.random.default_rng(0)
@@ -303,6 +305,8 @@ def _find(paths, name):
     return hit
 
 
+@pytest.mark.slow
+@pytest.mark.usefixtures("standard_dtype_promotion")
 def test_readme_forward_mode_and_batchnorm_example_runs(capsys):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     (block,) = [b for b in re.findall(r"```python\n(.*?)```", readme, flags=re.S) if "BNNet" in b]

@@ -117,6 +117,7 @@ def test_build_model_param_count(name, input_shape, expected):
 MATERIALISED = ("mlp", "mlp2")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", MATERIALISED)
 def test_materialised_params_count(name):
     model, params = _built(name)
@@ -133,6 +134,7 @@ def test_count_params_accepts_shape_structs():
 # ------------------------------------------------------------------------ forward pass
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(MODELS))
 def test_output_shape_and_jit_matches_eager(name):
     model = build_model(name, MNIST, 10)

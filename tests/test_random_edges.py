@@ -29,6 +29,7 @@ def _all_top24_bits():
     return (jnp.arange(N24, dtype=jnp.uint32) << 8) | jnp.uint32(0xA5)
 
 
+@pytest.mark.slow
 def test_normal_from_bits_exhaustive():
     z = np.asarray(jax.jit(ff.normal_from_bits)(_all_top24_bits()))
     assert np.isfinite(z).all()
@@ -66,6 +67,7 @@ def test_chi_is_finite_and_positive_at_the_extreme_normals(n):
     assert math.sqrt(32 - 0.5) - math.sqrt(0.5) * ff.MAX_ABS_NORMAL > 1.7
 
 
+@pytest.mark.slow
 def test_random_permutations_with_all_keys_tied_are_permutations():
     zeros = jnp.zeros((3, 64), jnp.uint32)
     perm, inv = ff.random_permutations(zeros, zeros)
@@ -136,6 +138,7 @@ EDGE_SIZES = [(1, 1), (10, 3), (40, 20)]
 
 # dense_regen re-creates its key from the implementation's registered name, which a test-only
 # PRNG lacks; its matrix is bit-identical to dense's (tests/test_regen.py), covered here.
+@pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in pj.projection_names() if n != "dense_regen"])
 def test_every_init_is_finite_at_extreme_bits(name):
     proj = pj.get_projection(name)
@@ -154,6 +157,7 @@ def test_every_init_is_finite_at_extreme_bits(name):
             assert (np.abs(M).sum(axis=0) > 0).all(), (name, D, d)  # no empty column
 
 
+@pytest.mark.slow
 def test_sparse_columns_are_never_empty_for_tiny_groups():
     """2,000 keys at D = 10: without the fill, ~2.2% of very sparse columns would be zero."""
     keys = jax.random.split(jax.random.key(0), 2000)
@@ -169,6 +173,7 @@ def test_sparse_columns_are_never_empty_for_tiny_groups():
             assert (norms > 0).all(), (name, D, np.mean(norms == 0))
 
 
+@pytest.mark.slow
 def test_sparse_fill_keeps_the_expected_column_norm():
     """E||column||^2 = D p v^2 (the table's unit norm) still holds with the empty-column fill."""
     D, d = 10, 4
@@ -201,6 +206,7 @@ def _tiny_theta0():
     return {"w": jnp.ones((20, 5)), "b": jnp.zeros((5,))}
 
 
+@pytest.mark.slow
 def test_check_finite_names_projection_seed_and_sizes():
     keys = jax.random.split(jax.random.key(0), 3)
     subs = jax.vmap(lambda k: init_subspace(k, _tiny_theta0(), 7, projection="fastfood"))(keys)

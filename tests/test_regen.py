@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _checks import check_grad_is_transpose_and_jit_matches_eager
+from _references import hash_matrix_numpy
 
 from subspace_jax import projections as pj
 from subspace_jax.projections import _auto, _dense, _regen
@@ -20,32 +21,13 @@ def _vec(seed, n):
 # ---- independent references ------------------------------------------------------------------
 
 
-def _np_fmix(h):
-    h = h ^ (h >> np.uint32(16))
-    h = h * np.uint32(0x85EBCA6B)
-    h = h ^ (h >> np.uint32(13))
-    h = h * np.uint32(0xC2B2AE35)
-    return h ^ (h >> np.uint32(16))
-
-
-def _np_hash_matrix(seed, D, d):
-    """The documented hash, in numpy uint32 (wrapping) arithmetic, float64 result."""
-    seed = np.uint32(seed)
-    with np.errstate(over="ignore"):
-        r = _np_fmix(seed ^ (np.arange(D, dtype=np.uint32) * np.uint32(0x9E3779B1)))
-        c = np.arange(d, dtype=np.uint32) * np.uint32(0x85EBCA77)
-        h = _np_fmix(r[:, None] ^ c[None, :])
-    sign = np.where(h >> np.uint32(31), -1.0, 1.0)
-    return sign / np.sqrt(D)
-
-
 def _reference(name, key, D, d):
     """float64 P from an implementation that shares no apply code with the projection."""
     if name == "dense_regen":
         m, sumsq = _dense.gaussian_matrix(key, D, d)
         return np.asarray(m, np.float64) * np.asarray(jax.lax.rsqrt(sumsq), np.float64)
     seed = int(jax.random.bits(key, (), jnp.uint32))
-    return _np_hash_matrix(seed, D, d)
+    return hash_matrix_numpy(seed, D, d)
 
 
 # ---- the shared properties (one size per projection: dense_regen compiles slowly) --------
@@ -65,7 +47,11 @@ def _clear_regen_caches():
 SMALL_BLOCK = 391
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(
+    scope="module",
+    # dense_regen compiles its blocked generator for several seconds: slow tier.
+    params=[pytest.param("dense_regen", marks=pytest.mark.slow), "dense_hash"],
+)
 def built(request):
     """(name, projection, key, state, materialised P, reference P in float64)."""
     name = request.param

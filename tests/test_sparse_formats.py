@@ -23,7 +23,11 @@ def _reference(key, D, d):
     return np.asarray(bcoo.todense(), np.float64)
 
 
-@pytest.fixture(scope="module", params=NAMES)
+@pytest.fixture(
+    scope="module",
+    # The fast tier checks "sparse" (the row-sorted code); the other formats are slow-tier.
+    params=[n if n == "sparse" else pytest.param(n, marks=pytest.mark.slow) for n in NAMES],
+)
 def built(request):
     proj = pj.get_projection(request.param)
     key = jax.random.key(5)
@@ -85,6 +89,7 @@ def test_row_sorted_format_is_sorted():
     assert np.array_equal(order, np.arange(rows.size))
 
 
+@pytest.mark.slow
 def test_small_sizes_and_state_bytes():
     for name in NAMES[:3]:  # "sparse" runs the csr code
         proj = pj.get_projection(name)
@@ -97,10 +102,22 @@ def test_small_sizes_and_state_bytes():
             proj.init(jax.random.key(0), 10, 11)
 
 
-def test_sparse_is_the_fastest_format_and_documented_as_automatic():
+def test_sparse_is_the_fastest_format_bit_for_bit():
+    """``sparse`` is ``sparse_very_<FASTEST_FORMAT>``: same state type, bit-identical arrays
+    and outputs, and its description names that format; an unknown format is refused."""
     assert sf.FASTEST_FORMAT in ("coo", "csr", "csc")
     proj = pj.get_projection("sparse")
+    fastest = pj.get_projection(f"sparse_very_{sf.FASTEST_FORMAT}")
+    key = jax.random.key(3)
+    state, want = proj.init(key, D, d), fastest.init(key, D, d)
+    assert type(state) is type(want)
+    for a, b in zip(jax.tree_util.tree_leaves(state), jax.tree_util.tree_leaves(want), strict=True):
+        assert np.array_equal(np.asarray(a), np.asarray(b))
+    w, g = jnp.asarray(_vec(7, d)), jnp.asarray(_vec(8, D))
+    assert np.array_equal(proj.apply(state, w), fastest.apply(want, w))
+    assert np.array_equal(proj.transpose(state, g), fastest.transpose(want, g))
+    assert proj.state_bytes(D, d) == fastest.state_bytes(D, d)
     assert proj.name == "sparse"
-    assert "automatically" in proj.description
+    assert f"format chosen automatically ({sf.FASTEST_FORMAT})" in proj.description
     with pytest.raises(ValueError, match="unknown sparse format 'bsr'"):
         sf.sparse_very_format("bsr")

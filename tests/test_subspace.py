@@ -45,7 +45,13 @@ def test_flatten_roundtrip_and_specs():
         sj.unflatten(jnp.ones(11), spec)
 
 
-@pytest.mark.parametrize("name", pj.projection_names())
+@pytest.mark.parametrize(
+    "name",  # the fast tier checks the default projection and the ones auto picks
+    [
+        n if n in ("dense", "fastfood", "sparse") else pytest.param(n, marks=pytest.mark.slow)
+        for n in pj.projection_names()
+    ],
+)
 def test_zero_w_gives_theta0_exactly(name):
     sub = sj.init_subspace(jax.random.key(1), THETA0, 7, projection=name)
     params = jax.jit(sj.to_params)(sub, sj.init_trainable(sub))
@@ -65,6 +71,7 @@ def test_to_params_equals_flat_reference():
     np.testing.assert_allclose(np.asarray(flat), np.asarray(flat0) + P @ np.asarray(w), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_per_leaf_allocation_and_explicit_dims():
     sub = sj.init_subspace(jax.random.key(0), THETA0, 20, per_leaf=True)
     dims = [g.dim for g in sub.layout.groups]
@@ -198,6 +205,7 @@ def test_train_step_does_not_recompile_and_matches_eager():
     np.testing.assert_allclose(np.asarray(t["w"]), np.asarray(t_e["w"]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_over_seeds_equals_python_loop():
     x, y = _data(128)
     opt = optax.adam(0.05)
@@ -225,6 +233,7 @@ def test_vmap_over_seeds_equals_python_loop():
         np.testing.assert_allclose(float(losses[i]), float(loss), rtol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,per_leaf", [("dense", False), ("sparse_very", False), ("orthogonal", True)]
 )

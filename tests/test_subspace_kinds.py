@@ -148,6 +148,7 @@ def said_finetune(tmp_path_factory, data, direct_run):
     return path, config, result, trained
 
 
+@pytest.mark.slow
 def test_said_scales_are_trained(said_finetune):
     _, _, result, trained = said_finetune
     assert (result["dim"], result["said_scales"], result["w_dim"]) == (30, 4, 26)
@@ -159,6 +160,7 @@ def test_said_scales_are_trained(said_finetune):
     assert np.isfinite(result["test_accuracy"])
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_at_the_checkpoint(tmp_path, data, direct_run, said_finetune):
     path, config, result, trained = said_finetune
     assert result["theta0"] == f"checkpoint:{path}"
@@ -174,6 +176,7 @@ def test_fine_tuning_starts_at_the_checkpoint(tmp_path, data, direct_run, said_f
 # ------------------------------------------------------------------------- burn-in, checkpoints
 
 
+@pytest.mark.slow
 def test_burn_in_starts_the_subspace_at_the_burned_in_point(tmp_path, data, direct_run):
     config = dataclasses.replace(BASE, dim=20, burn_in_steps=6, max_steps=3)
     result, trained = train_and_evaluate(config, data, return_state=True)
@@ -212,6 +215,7 @@ def test_burn_in_starts_the_subspace_at_the_burned_in_point(tmp_path, data, dire
     assert bits_equal(params, jax.jit(sj.to_params)(sub, first(trained.trainables)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".msgpack", ".npz"])
 def test_checkpoint_round_trip_and_mismatch_errors(tmp_path, direct_run, suffix):
     path = save_params(tmp_path / f"theta{suffix}", direct_run)
@@ -245,6 +249,7 @@ def test_top_directions_recovers_a_planted_subspace():
         top_directions(traj, 9)
 
 
+@pytest.mark.slow
 def test_lottery_projection_is_the_trajectory_top_directions(tmp_path, data):
     d, steps, every = 5, 12, 1
     config = dataclasses.replace(

@@ -21,7 +21,15 @@ NAMES = pj.projection_names()
 D, d = 48, 6
 
 
-@pytest.fixture(scope="module", params=NAMES)
+#: Fast tier: the default projection and the ones ``auto`` picks; the others are slow-tier.
+FAST_TIER = ("dense", "fastfood", "sparse")
+
+
+def _tiered(name, *rest):
+    return pytest.param(name, *rest, marks=() if name in FAST_TIER else pytest.mark.slow)
+
+
+@pytest.fixture(scope="module", params=[_tiered(n) for n in NAMES])
 def built(request):
     """(projection, state, reference float64 P of shape (D, d) from ``transpose`` only)."""
     proj = pj.get_projection(request.param)
@@ -159,7 +167,7 @@ def _reference_matrix(sub):
 
 #: Per-leaf subspaces of these run by default, of the others with the slow tests.
 PER_LEAF_DEFAULT = ("dense", "fastfood", "sparse")
-CASES = [(name, False) for name in NAMES] + [
+CASES = [_tiered(name, False) for name in NAMES] + [
     pytest.param(name, True, marks=() if name in PER_LEAF_DEFAULT else pytest.mark.slow)
     for name in NAMES
 ]

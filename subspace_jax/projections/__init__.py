@@ -11,6 +11,7 @@ from subspace_jax.projections._auto import choose_projection
 from subspace_jax.projections._base import (
     LR_KNEE,
     LR_RULE,
+    SUBSPACE_BASE_LR,
     Projection,
     as_matrix,
     check_sizes,
@@ -24,6 +25,7 @@ from subspace_jax.projections._base import (
 )
 from subspace_jax.projections._dense import DenseState, gaussian_matrix
 from subspace_jax.projections._fastfood import fastfood
+from subspace_jax.projections._hadamard import fwht
 from subspace_jax.projections._sparse import SPARSE_VARIANTS
 
 __all__ = [
@@ -32,11 +34,13 @@ __all__ = [
     "DenseState",
     "Projection",
     "SPARSE_VARIANTS",
+    "SUBSPACE_BASE_LR",
     "as_matrix",
     "check_sizes",
     "choose_projection",
     "default_learning_rate",
     "fastfood",
+    "fwht",
     "gaussian_matrix",
     "get_projection",
     "linear_map",

@@ -34,7 +34,7 @@ DENSE_WORKING_FACTOR = 3
 DENSE_MAX_ENTRIES = 1 << 20
 #: Largest d for which the CSR very sparse projection is chosen over Fastfood.
 SPARSE_MAX_DIM = 500
-#: Fraction of the available memory the default budget allows.
+#: Fraction of the available memory the default budget allows (here and in ``bench``).
 DEFAULT_BUDGET_FRACTION = 0.5
 
 

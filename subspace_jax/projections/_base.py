@@ -391,10 +391,12 @@ def as_matrix(projection: Projection, state: State, d: int) -> Array:
     return jax.vmap(lambda e: projection.apply(state, e), out_axes=1)(eye)
 
 
+#: Default Adam learning rate of w for a projection with unit expected column norm.
+SUBSPACE_BASE_LR = 0.03
 #: Above this many subspace coordinates the default learning rate falls like ``1/sqrt(d)``.
 LR_KNEE = 1000
 #: Names the default learning-rate rule (part of the sweep's run key: a new rule retrains).
-LR_RULE = "0.03/E||column|| * min(1, sqrt(1000/d))"
+LR_RULE = f"{SUBSPACE_BASE_LR:g}/E||column|| * min(1, sqrt({LR_KNEE}/d))"
 
 
 def lr_dim_factor(d: int) -> float:
@@ -409,7 +411,9 @@ def lr_dim_factor(d: int) -> float:
     return min(1.0, (LR_KNEE / max(int(d), 1)) ** 0.5)
 
 
-def default_learning_rate(projection: Projection, D: int, d: int, base: float = 0.03) -> float:
+def default_learning_rate(
+    projection: Projection, D: int, d: int, base: float = SUBSPACE_BASE_LR
+) -> float:
     """The default Adam learning rate for ``w``: ``base / E||column|| * lr_dim_factor(d)``.
 
     Adam's step is invariant to the gradient's scale, so the step it takes in parameter space is

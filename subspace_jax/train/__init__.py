@@ -26,7 +26,7 @@ from subspace_jax.train._loop import (
     train_and_evaluate,
     validate_config,
 )
-from subspace_jax.train._metrics import current_rss_bytes, median_ms, peak_memory_bytes, time_call
+from subspace_jax.train._metrics import median_ms, peak_memory_bytes, time_call
 from subspace_jax.train._step import (
     Divergence,
     all_finite,
@@ -56,7 +56,6 @@ __all__ = [
     "compile_steps",
     "config_layout",
     "cross_entropy",
-    "current_rss_bytes",
     "NATIVE_SHAPES",
     "default_image_size",
     "input_shape",

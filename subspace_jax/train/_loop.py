@@ -42,7 +42,7 @@ from subspace_jax.data import (
     num_batches,
 )
 from subspace_jax.models import build_model
-from subspace_jax.projections import get_projection, lr_dim_factor
+from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_factor
 from subspace_jax.train._kinds import (
     default_lottery_every,
     direct_phase,
@@ -55,8 +55,6 @@ from subspace_jax.train._step import compile_steps, init_divergence
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 #: Default Adam learning rate of direct training (Li et al. 2018 / the Uber scripts).
 DIRECT_LR = 1e-3
-#: Default Adam learning rate of w for a projection with unit expected column norm.
-SUBSPACE_BASE_LR = 0.03
 #: ``TrainConfig.projection`` value of the lottery subspace (Larsen et al. 2022): P from the
 #: top singular directions of a direct-training trajectory. Not a registered projection: it is
 #: applied as a stored ``orthogonal`` (``DenseState``) projection.
@@ -373,7 +371,7 @@ def _evaluate(eval_step, subs, trainables, x, y, chunk=1000):
     for start in range(0, n, chunk):
         l_sum, c = eval_step(subs, trainables, x[start : start + chunk], y[start : start + chunk])
         loss = loss + l_sum
-        correct = correct + c
+        correct = correct + c.astype(jnp.float32)  # int32 counts, summed as float32
     loss, correct = jax.device_get((loss, correct))
     return np.asarray(loss) / n, np.asarray(correct) / n
 

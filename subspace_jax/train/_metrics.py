@@ -26,16 +26,6 @@ def peak_memory_bytes() -> int:
     return int(rss if sys.platform == "darwin" else rss * 1024)
 
 
-def current_rss_bytes() -> int:
-    """Current resident set size of this process (Linux; falls back to the peak elsewhere)."""
-    try:
-        with open("/proc/self/statm") as f:
-            pages = int(f.read().split()[1])
-        return pages * resource.getpagesize()
-    except OSError:
-        return peak_memory_bytes()
-
-
 def time_call(fn: Callable[[], object], repeats: int, warmup: int = 1) -> list[float]:
     """Wall time in seconds of ``fn()`` (blocked until its outputs are ready), ``repeats`` times."""
     for _ in range(warmup):

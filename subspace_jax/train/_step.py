@@ -65,7 +65,9 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
 
     def step(sub, trainable, opt_state, x, y):
         (loss, acc), grads = grad_fn(trainable, sub, x, y)
-        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        # optax's Adam computes decay ** count (float ** int32): only standard promotion allows it.
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, loss, acc
 
