@@ -49,6 +49,10 @@ ID_EXAMPLE = {
     "dims": [256, 512, 1024, 724, 609, 588, 631, 652],
 }
 
+#: A control: the issue's failing case (MNIST MLP seed 4: inf at d = 256 and 32,768, fine at
+#: 38,968). The audit must find exactly these two with the old map, or it checks the wrong keys.
+KNOWN_BAD = {"model": "mlp", "dataset": "mnist", "seeds": [4], "dims": [256, 32768, 38968]}
+
 
 def old_normals(bits):
     """The map before the fix (kept here only to measure what it did)."""
@@ -90,6 +94,9 @@ def published_fastfood_runs() -> list[dict]:
                 }
             )
     runs.append(dict(ID_EXAMPLE, source="docs/method.md id example (MNIST MLP)"))
+    runs.append(
+        dict(KNOWN_BAD, source="control: the issue's seed 4 (must be found before the fix)")
+    )
     return runs
 
 

@@ -25,7 +25,7 @@ MAX_LIST = 10_000
 #: Most bootstrap resamples ``id`` draws (memory grows with resamples x seeds).
 MAX_BOOTSTRAP = 1_000_000
 #: Largest seed (``jax.random.key`` keeps 32 bits: 2**32 would be the key of seed 0).
-MAX_SEED = 2**32 - 1
+MAX_SEED = 2**32 - 1  # subspace_jax.train.MAX_SEED, repeated so parsing does not import JAX
 #: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
 EXIT_DIVERGED = 3
 

@@ -223,6 +223,11 @@ def test_sweep_summary_flags_censored_results():
     assert s["non_finite_runs"] == [{"dim": 100, "seed": 0, "diverged": False}]
     bump = [*records(10, [0.95, 0.95]), *records(100, [0.5, 0.5]), *records(1000, [0.97, 0.97])]
     assert summarize_sweep(base, bump)["non_monotone"]
+    # The first grid point diverged: the bound (and its note) is the first finite point.
+    lost = [*records(10, [NAN, NAN]), *records(100, [0.97, 0.97]), *records(1000, [0.98, 0.98])]
+    s = summarize_sweep(base, lost)
+    assert s["censored"] and s["d_int_upper_bound"] == 100
+    assert any("d = 100 already reaches" in n and "d_int <= 100" in n for n in s["notes"])
 
 
 def test_cli_sweep_reports_a_censored_bound(tmp_path, monkeypatch, no_data, capsys):

@@ -202,6 +202,9 @@ def test_data_fingerprint_is_sizes_and_a_hash_of_the_arrays():
     y = ds.y_test.copy()
     y[0] = (y[0] + 1) % 10
     assert data_fingerprint(ds._replace(y_test=y, fingerprint=None)) != fp
+    # The stored field is never trusted: a cut dataset keeps it but gets its own fingerprint.
+    cut = ds._replace(x_train=ds.x_train[:500], y_train=ds.y_train[:500])
+    assert cut.fingerprint == fp and data_fingerprint(cut).startswith("500+500+1000:")
 
 
 def write_idx(path: Path, arr: np.ndarray) -> None:

@@ -225,3 +225,24 @@ def test_transformed_step_does_not_recompile():
     other = sj.init_subspace(jax.random.key(5), THETA0, 8, projection="fastfood")
     jvp_step(_vec(0, 8), _vec(1, 8), other)
     assert len(traces) == 1
+
+
+def test_state_only_tangent_wrong_way_transpose_and_w_dtype(standard_dtype_promotion):
+    """The map is constant in the state (zero derivative), linear in w only, and w's dtype is
+    kept by its cotangent (a bf16 w with a float32 state gets a bf16 gradient)."""
+    proj = pj.get_projection("dense")
+    state = proj.init(jax.random.key(0), 12, 3)
+    w = jnp.arange(3.0)
+    J = jax.jacfwd(lambda s: proj.apply(s, w))(state)
+    assert not np.asarray(J.matrix).any() and not np.asarray(J.scale).any()
+    wb = jnp.ones(3, jnp.bfloat16)
+    g = jax.grad(lambda v: jnp.sum(proj.apply(state, v).astype(jnp.float32)))(wb)
+    assert g.dtype == jnp.bfloat16
+    np.testing.assert_allclose(
+        np.asarray(g, np.float64),
+        np.asarray(pj.as_matrix(proj, state, 3), np.float64).sum(axis=0),
+        rtol=1e-2,
+    )
+    t = jax.linear_transpose(lambda s, v: proj.apply(s, v), state, w)
+    with pytest.raises(ValueError, match="linear in w only"):
+        t(jnp.ones(12))

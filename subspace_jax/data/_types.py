@@ -76,19 +76,18 @@ def data_fingerprint(data: Dataset) -> str:
     over the shape, dtype and bytes of ``x_train, y_train, x_val, y_val, x_test, y_test`` (the
     arrays as preprocessed: about 0.3 s for MNIST). The same data read from another folder has
     the same fingerprint; any changed pixel, label or split size gives another.
-    ``data.fingerprint`` is returned when set (``load_dataset`` sets it); an object that is
-    not a :class:`Dataset` (a stand-in) gives ``"unknown"``.
+    It is always computed from the arrays (never trusted from ``data.fingerprint``, which
+    ``load_dataset`` sets for information): a dataset cut or changed with ``_replace`` gets
+    its own. An object that is not a :class:`Dataset` (a stand-in) gives its ``fingerprint``
+    attribute, or ``"unknown"``.
 
     Example:
       >>> from subspace_jax.data import load_dataset
       >>> data_fingerprint(load_dataset("digits"))[:15]
       '3500+500+1000:'
     """
-    fingerprint = getattr(data, "fingerprint", None)
-    if fingerprint is not None:
-        return fingerprint
-    if not isinstance(data, Dataset):
-        return "unknown"  # a stand-in without arrays (a test's fake trainer never reads it)
+    if not isinstance(data, Dataset):  # a stand-in without arrays (a test's fake trainer)
+        return getattr(data, "fingerprint", None) or "unknown"
     h = hashlib.sha256()
     arrays = (data.x_train, data.y_train, data.x_val, data.y_val, data.x_test, data.y_test)
     for a in arrays:

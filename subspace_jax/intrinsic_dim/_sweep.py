@@ -253,9 +253,11 @@ def summarize_sweep(
             )
         )
     if est["d_int_upper_bound"] is not None and est["d_int_lower_bound"] is None:
+        upper = est["d_int_upper_bound"]
+        where = "the first grid point" if upper == dims[0] else "the first finite grid point"
         notes.append(
-            f"censored: the first grid point d = {dims[0]} already reaches the threshold, so "
-            f"d_int <= {dims[0]} (add smaller d to measure it)"
+            f"censored: {where} d = {upper} already reaches the threshold, so "
+            f"d_int <= {upper} (add smaller d to measure it)"
         )
     elif est["d_int_upper_bound"] is None and est["d_int_lower_bound"] is not None:
         notes.append(

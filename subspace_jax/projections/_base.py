@@ -171,23 +171,31 @@ def _out_aval(mv, in_avals):
 
 
 def _abstract_eval(*avals, mv, rmv):
+    # Known limitation (for the sharding work): under ``shard_map`` the output is not marked
+    # as varying over the manual axes its inputs vary over, so shard_map's replication check
+    # does not catch a missing ``psum`` after a projection of sharded inputs.
     return _out_aval(mv, tuple(jax.core.ShapedArray(a.shape, a.dtype) for a in avals))
 
 
 def _jvp(primals, tangents, *, mv, rmv):
     out = _linear_map_p.bind(*primals, mv=mv, rmv=rmv)
     x_dot = tangents[-1]
-    if type(x_dot) is ad.Zero:
-        return out, ad.Zero.from_primal_value(out)
+    if type(x_dot) is ad.Zero:  # a tangent of the state only: the map is constant in it
+        return out, ad.Zero(jax.typeof(out).to_tangent_aval())
     return out, _linear_map_p.bind(*primals[:-1], x_dot, mv=mv, rmv=rmv)
 
 
 def _transpose(ct, *args, mv, rmv):
     leaves, x = list(args[:-1]), args[-1]
-    assert ad.is_undefined_primal(x) and not any(map(ad.is_undefined_primal, leaves))
+    if not ad.is_undefined_primal(x) or any(map(ad.is_undefined_primal, leaves)):
+        raise ValueError(
+            "a projection is linear in w only: transpose it with respect to w, with the "
+            "projection state as a constant"
+        )
     if type(ct) is ad.Zero:
         return [None] * len(leaves) + [ad.Zero(x.aval)]
-    return [None] * len(leaves) + [_bind(rmv, mv, leaves, ct)]
+    # The cotangent of w has w's dtype (a bf16 w with a float32 state gets a bf16 gradient).
+    return [None] * len(leaves) + [_bind(rmv, mv, leaves, ct).astype(x.aval.dtype)]
 
 
 @functools.lru_cache(maxsize=4096)

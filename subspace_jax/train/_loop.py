@@ -643,6 +643,9 @@ def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
     trainables = jax.tree_util.tree_map(
         lambda a, b: a.at[idx].set(b), runs.trainables, new.trainables
     )
+    # The retried seeds' own subspaces too: with burn-in, theta0 comes from the retry's direct
+    # phase, and a compressed model must pair the retry's w with it.
+    subs = jax.tree_util.tree_map(lambda a, b: a.at[idx].set(b), runs.subs, new.subs)
     return runs._replace(
         learning_rates=put(runs.learning_rates, new.learning_rates),
         retries=put(runs.retries, new.retries),
@@ -652,6 +655,7 @@ def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
         test_acc=put(runs.test_acc, new.test_acc),
         diverged_at=put(runs.diverged_at, new.diverged_at),
         trainables=trainables,
+        subs=subs,
     )
 
 
