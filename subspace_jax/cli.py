@@ -425,6 +425,13 @@ class ProgressPrinter:
         self.t0 = time.perf_counter()
         self._last = 0.0
 
+    def _line(self, text: str) -> None:
+        """One line of progress, clearing the step bar first on a terminal."""
+        if self.tty:
+            self.stream.write("\r" + " " * 70 + "\r")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
     def __call__(self, event: dict) -> None:
         if self.quiet:
             return
@@ -442,21 +449,15 @@ class ProgressPrinter:
             self.stream.write(f"\r  [{bar}] {done}/{total} steps  {elapsed:6.1f}s")
             self.stream.flush()
         elif kind == "epoch":
-            if self.tty:
-                self.stream.write("\r" + " " * 70 + "\r")
-            self.stream.write(
+            self._line(
                 f"  epoch {event['epoch']:3d}  train loss {_fmt(event['train_loss'])}  "
-                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)\n"
+                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)"
             )
-            self.stream.flush()
         elif kind == "diverged":
-            if self.tty:
-                self.stream.write("\r" + " " * 70 + "\r")
-            self.stream.write(
+            self._line(
                 f"  seed {event['seed']} diverged at step {event['step']} (learning rate "
-                f"{event['learning_rate']:g}): it stops updating there\n"
+                f"{event['learning_rate']:g}): it stops updating there"
             )
-            self.stream.flush()
         elif kind == "run_start":
             self.stream.write(f"d = {event['dim']} seeds {event['seeds']}\n")
             self.stream.flush()
