@@ -50,9 +50,9 @@ from subspace_jax.intrinsic_dim._stats import (
     crossing,
     crossing_interval,
     estimate,
-    finite,
     lower_is_better,
     margins,
+    metric_value,
     non_monotone_dims,
     reaches,
     target_value,
@@ -74,22 +74,6 @@ Measure = Callable[[int], np.ndarray]
 
 
 # ------------------------------------------------------------------------------ metric rules
-
-
-def metric_value(record: dict, metric: str, which: str) -> float:
-    """The value of ``metric`` in one per-seed record (``which``: final or best epoch).
-
-    NaN when the run diverged (``record["diverged"]``) or the value is not finite (stored as
-    JSON null); a best-epoch loss is NaN if any epoch's loss is.
-    """
-    if record.get("diverged", False):
-        return math.nan
-    if metric == "val_loss":
-        if which == "best":
-            curve = [finite(v) for v in record.get("val_loss_curve") or [None]]
-            return float(min(curve)) if all(map(math.isfinite, curve)) else math.nan
-        return finite(record.get("val_loss"))
-    return finite(record.get("val_accuracy" if which == "final" else "best_val_accuracy"))
 
 
 def metric_field(metric: str, which: str) -> str:

@@ -259,3 +259,19 @@ def crossing_interval(
     high = end(np.r_[x0, xs[k:]], np.r_[g0, gs[k:]])
     low = end(np.r_[x0, xs[:k][::-1]], np.r_[g0, gs[:k][::-1]])
     return low, high
+
+
+def metric_value(record: dict, metric: str, which: str) -> float:
+    """The value of ``metric`` in one per-seed record (``which``: final or best epoch).
+
+    NaN when the run diverged (``record["diverged"]``) or the value is not finite (stored as
+    JSON null); a best-epoch loss is NaN if any epoch's loss is.
+    """
+    if record.get("diverged", False):
+        return math.nan
+    if metric == "val_loss":
+        if which == "best":
+            curve = [finite(v) for v in record.get("val_loss_curve") or [None]]
+            return float(min(curve)) if all(map(math.isfinite, curve)) else math.nan
+        return finite(record.get("val_loss"))
+    return finite(record.get("val_accuracy" if which == "final" else "best_val_accuracy"))

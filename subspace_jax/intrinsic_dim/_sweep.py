@@ -19,10 +19,10 @@ import numpy as np
 from subspace_jax import _results
 from subspace_jax.data import data_fingerprint
 from subspace_jax.intrinsic_dim._stats import (
-    finite,
     grid_estimate,
     lower_is_better,
     margins,
+    metric_value,
     non_monotone_dims,
     target_value,
 )
@@ -185,11 +185,6 @@ def sweep_definition(fraction: float, metric: str = "val_accuracy") -> str:
     )
 
 
-def run_value(record: dict, metric: str) -> float:
-    """``record[metric]`` as a float; NaN if it is not finite (JSON null) or the run diverged."""
-    return np.nan if record.get("diverged", False) else finite(record.get(metric))
-
-
 def describe_estimate(summary: dict) -> str:
     """``612``, ``<= 100 (censored)``, ``> 1000 (censored: not reached)`` or ``not reached``."""
     if summary["d_int"] is not None:
@@ -223,11 +218,12 @@ def summarize_sweep(
       "non_finite_runs", "notes", "definition"}`` (``baseline_accuracy`` and ``mean_accuracy``
       hold ``metric``, whatever it is).
     """
-    base_values = np.array([run_value(r, metric) for r in baseline_records])
+    base_values = np.array([metric_value(r, metric, "final") for r in baseline_records])
     baseline = float(np.mean(base_values))
     dims = sorted({int(r["dim"]) for r in records if int(r["dim"]) > 0})
     means = [
-        float(np.mean([run_value(r, metric) for r in records if int(r["dim"]) == d])) for d in dims
+        float(np.mean([metric_value(r, metric, "final") for r in records if int(r["dim"]) == d]))
+        for d in dims
     ]
     target = target_value(baseline, fraction, metric)
     notes = []
@@ -242,7 +238,7 @@ def summarize_sweep(
     bad = [
         {"dim": int(r["dim"]), "seed": int(r["seed"]), "diverged": bool(r.get("diverged", False))}
         for r in [*baseline_records, *records]
-        if not np.isfinite(run_value(r, metric))
+        if not np.isfinite(metric_value(r, metric, "final"))
     ]
     if bad:
         notes.append(
@@ -290,7 +286,9 @@ def summarize_sweep(
 
 def check_sweep_baseline(baseline_runs: Sequence[dict], metric: str) -> None:
     """Raise before training the grid when a baseline seed diverged or is not finite."""
-    bad = [int(r["seed"]) for r in baseline_runs if not np.isfinite(run_value(r, metric))]
+    bad = [
+        int(r["seed"]) for r in baseline_runs if not np.isfinite(metric_value(r, metric, "final"))
+    ]
     if bad:
         what = "diverged" if any(r.get("diverged") for r in baseline_runs) else "is not finite"
         raise ValueError(
@@ -346,7 +344,9 @@ def run_sweep(
     keys = ("censored", "d_int_upper_bound", "d_int_lower_bound", "non_monotone")
     return {
         "baseline": {
-            "val_accuracy": float(np.mean([run_value(r, "val_accuracy") for r in baseline_runs])),
+            "val_accuracy": float(
+                np.mean([metric_value(r, "val_accuracy", "final") for r in baseline_runs])
+            ),
             "value": summary["baseline_accuracy"],
             "num_params": baseline_runs[0]["num_params"],
             "runs": baseline_runs,
