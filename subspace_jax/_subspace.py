@@ -617,10 +617,22 @@ class NonFiniteStateError(ValueError):
     """A subspace's theta0 or projection state holds a NaN or an infinity."""
 
 
+def all_finite(tree: PyTree) -> jax.Array:
+    """Boolean scalar: every floating-point entry of ``tree`` is finite (integer leaves pass)."""
+    checks = [
+        jnp.all(jnp.isfinite(x))
+        for x in jax.tree_util.tree_leaves(tree)
+        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+    ]
+    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
+
+
 def _finite_per_seed(tree: PyTree, batched: bool) -> jax.Array:
     """All-finite flag of every inexact leaf of ``tree``: ``(N,)`` if ``batched``, else ``()``."""
+    if not batched:
+        return all_finite(tree)
     flags = [
-        jnp.isfinite(x).reshape((x.shape[0], -1) if batched else (1, -1)).all(axis=1)
+        jnp.isfinite(x).reshape(x.shape[0], -1).all(axis=1)
         for x in jax.tree_util.tree_leaves(tree)
         if jnp.issubdtype(x.dtype, jnp.inexact) and x.size
     ]

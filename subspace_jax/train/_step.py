@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspace_jax._subspace import Subspace, to_params
+from subspace_jax._subspace import Subspace, all_finite, to_params
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
@@ -91,16 +91,6 @@ def init_divergence() -> Divergence:
     """The record of a run that has taken no step. Batch it over seeds with ``jax.vmap``."""
     zero = jnp.zeros((), jnp.int32)
     return Divergence(steps=zero, at=zero)
-
-
-def all_finite(tree: PyTree) -> jax.Array:
-    """Boolean scalar: every floating-point entry of ``tree`` is finite (integer leaves pass)."""
-    checks = [
-        jnp.all(jnp.isfinite(x))
-        for x in jax.tree_util.tree_leaves(tree)
-        if jnp.issubdtype(jnp.result_type(x), jnp.inexact)
-    ]
-    return jnp.all(jnp.stack(checks)) if checks else jnp.array(True)
 
 
 def guard_finite(step):
