@@ -208,6 +208,29 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
         help="seed of the batch order and the validation split",
     )
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
+    # Tasks and starting points (issue 11): class subsets, augmentation, fine-tuning.
+    p.add_argument(
+        "--classes",
+        default=None,
+        help="keep only these labels, relabelled 0..k-1 in this order (e.g. '5,6,7,8,9' or '5-9')",
+    )
+    p.add_argument(
+        "--augment",
+        action="store_true",
+        help="pad-4 random crop and horizontal flip of every training batch (from --data-seed)",
+    )
+    p.add_argument(
+        "--theta0",
+        default=None,
+        metavar="FILE",
+        help="start at this parameter checkpoint (.msgpack or .npz, e.g. from --save-params)",
+    )
+    p.add_argument(
+        "--reinit-head",
+        action="store_true",
+        help="draw the classifier layer afresh and train it directly beside the subspace "
+        "(d counts only the subspace)",
+    )
 
 
 def _add_divergence_args(p: argparse.ArgumentParser) -> None:
@@ -268,9 +291,29 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         model_overrides=overrides,
         on_divergence=getattr(args, "on_divergence", "stop"),
         max_retries=getattr(args, "max_retries", 2),
+        **_task_fields(args),
     )
     validate_config(config)
     return config
+
+
+def _task_fields(args: argparse.Namespace) -> dict:
+    """``classes``, ``augment``, ``reinit_head`` and ``theta0_path`` from the flags."""
+    fields = {
+        "augment": bool(getattr(args, "augment", False)),
+        "reinit_head": bool(getattr(args, "reinit_head", False)),
+    }
+    if getattr(args, "classes", None) is not None:
+        classes = parse_int_list(args.classes, "class")
+        if len(classes) < 2 or len(set(classes)) != len(classes):
+            raise CLIError(f"--classes needs at least 2 distinct labels, got {args.classes!r}")
+        fields["classes"] = tuple(classes)
+    theta0 = getattr(args, "theta0", None)
+    if theta0 is not None:
+        if not Path(theta0).is_file():
+            raise CLIError(f"--theta0 {theta0!r} is not a file")
+        fields["theta0_path"] = theta0
+    return fields
 
 
 def _auto_projection(args, d: int) -> str:
@@ -484,7 +527,11 @@ def cmd_train(args) -> int:
     from subspace_jax.train import train_and_evaluate
 
     check_outputs(
-        {"--json": args.json, "--save-compressed": args.save_compressed},
+        {
+            "--json": args.json,
+            "--save-compressed": args.save_compressed,
+            "--save-params": args.save_params,
+        },
         {"--out": (args.out, ["result.json"])},
         inputs=[args.theta0],
     )
@@ -497,20 +544,29 @@ def cmd_train(args) -> int:
     )
     written = True
     status = 0
-    if args.save_compressed:
+    if args.save_compressed or args.save_params:
         result, trained = train_and_evaluate(config, progress=progress, return_state=True)
         saved = result["per_seed"][0]
-        if saved["diverged"]:
-            print(
-                f"error: not saving {args.save_compressed}: seed {saved['seed']} (the one "
-                f"--save-compressed saves) diverged at step {saved['diverged_step']}",
-                file=sys.stderr,
-            )
-            status = EXIT_DIVERGED
-        else:
-            written &= write_or_fallback(
-                args.save_compressed, lambda path: _save_compressed(path, result, trained)
-            )
+        savers = (
+            (
+                "--save-compressed",
+                args.save_compressed,
+                lambda p: _save_compressed(p, result, trained),
+            ),
+            ("--save-params", args.save_params, lambda p: _save_params(p, trained)),
+        )
+        for flag, path, save in savers:
+            if path is None:
+                continue
+            if saved["diverged"]:
+                print(
+                    f"error: not saving {path}: seed {saved['seed']} (the one {flag} saves) "
+                    f"diverged at step {saved['diverged_step']}",
+                    file=sys.stderr,
+                )
+                status = EXIT_DIVERGED
+            else:
+                written &= write_or_fallback(path, save)
     else:
         result = train_and_evaluate(config, progress=progress)
     if args.out:
@@ -584,7 +640,9 @@ def cmd_sweep(args) -> int:
 
     dims = parse_dims(args.dims)
     check_outputs(
-        {"--json": args.json}, {"--out": (args.out, [RUNS_FILE, "sweep.json", "sweep.png"])}
+        {"--json": args.json},
+        {"--out": (args.out, [RUNS_FILE, "sweep.json", "sweep.png"])},
+        inputs=[args.theta0],
     )
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by sweep: name one projection")
@@ -626,7 +684,11 @@ def cmd_id(args) -> int:
         search_intrinsic_dim,
     )
 
-    check_outputs({"--json": args.json}, {"--out": (args.out, [RUNS_FILE, ID_JSON, ID_PLOT])})
+    check_outputs(
+        {"--json": args.json},
+        {"--out": (args.out, [RUNS_FILE, ID_JSON, ID_PLOT])},
+        inputs=[args.theta0],
+    )
     if args.projection == "auto":
         raise CLIError("--projection auto is not supported by id: name one projection")
     _check_fraction(args.fraction)
@@ -719,16 +781,17 @@ def _add_kind_args(p: argparse.ArgumentParser) -> None:
         help="SAID: one learned scale per parameter leaf; d counts the scales",
     )
     p.add_argument(
-        "--theta0",
-        default=None,
-        metavar="FILE",
-        help="start the subspace at this parameter checkpoint (.msgpack or .npz)",
-    )
-    p.add_argument(
         "--save-compressed",
         default=None,
         metavar="FILE",
         help="save seed 0 as a compressed model (.npz: seed, configs and w)",
+    )
+    p.add_argument(
+        "--save-params",
+        default=None,
+        metavar="FILE",
+        help="save the first seed's full trained variables (.npz or .msgpack; with BatchNorm "
+        "statistics), a checkpoint for --theta0",
     )
 
 
@@ -747,15 +810,31 @@ def _subspace_kind_config(args, config):
         if args.projection not in ("dense", LOTTERY):
             raise CLIError(f"--lottery replaces the projection; got --projection {args.projection}")
         changes["projection"] = LOTTERY
-    if args.theta0 is not None:
-        if not Path(args.theta0).is_file():
-            raise CLIError(f"--theta0 {args.theta0!r} is not a file")
-        changes["theta0_path"] = args.theta0
     config = dataclasses.replace(config, **changes)
     validate_config(config)
     if args.save_compressed and not config.dim:
         raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
+    if args.save_compressed and _has_state(config):
+        raise CLIError(
+            f"--save-compressed does not store model state yet: {config.model} keeps BatchNorm "
+            "statistics (use --save-params)"
+        )
     return config
+
+
+def _has_state(config) -> bool:
+    from subspace_jax.models import state_collections
+
+    return bool(state_collections(config.model))
+
+
+def _save_params(path, trained) -> None:
+    """The first seed's full variables (``params`` and any state, e.g. ``batch_stats``)."""
+    from subspace_jax._checkpoint import save_params
+    from subspace_jax.train import first_seed_variables
+
+    save_params(path, first_seed_variables(trained))
+    print(f"parameters: {path}", file=sys.stderr)
 
 
 def _save_compressed(path, result, trained) -> None:

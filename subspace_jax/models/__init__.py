@@ -1,4 +1,4 @@
-"""Classifiers as pure ``init / apply`` pairs: MLPs and LeNets, by name, with small variants."""
+"""Classifiers as pure ``init / apply`` pairs, by name: MLPs, LeNets, CIFAR ResNets, a ViT."""
 
 from subspace_jax.models._lenet import LeNet, lenet_spatial_sizes
 from subspace_jax.models._mlp import MLP
@@ -9,11 +9,15 @@ from subspace_jax.models._registry import (
     ModelDef,
     ModelSpec,
     build_model,
+    classifier_path,
     count_params,
     from_config,
     model_names,
     small_model_grid,
+    state_collections,
 )
+from subspace_jax.models._resnet import ResNet
+from subspace_jax.models._vit import ViT
 
 __all__ = [
     "DEFAULT_GRID_TARGETS",
@@ -23,10 +27,14 @@ __all__ = [
     "MODELS",
     "ModelDef",
     "ModelSpec",
+    "ResNet",
+    "ViT",
     "build_model",
+    "classifier_path",
     "count_params",
     "from_config",
     "lenet_spatial_sizes",
     "model_names",
     "small_model_grid",
+    "state_collections",
 ]

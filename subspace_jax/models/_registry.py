@@ -17,6 +17,18 @@ Registered models (defaults in brackets; every setting can be overridden):
 - ``lenet_small`` [``features=[2, 4], hidden=[32, 16]``, kernel 5, stride 1, pool 2]: a LeNet
   whose channels, kernel, stride, hidden widths and pooling are all set by overrides; 3,034
   parameters on 28x28x1 by default.
+- ``resnet20`` [``blocks=3, widths=[16, 32, 64]``] and ``resnet32`` [``blocks=5``]: the CIFAR
+  ResNets of He et al. (2016) with BatchNorm and option-A (parameter-free) shortcuts, 269,722
+  and 464,154 parameters on CIFAR-10; their BatchNorm running statistics are model state
+  (``ModelDef.state_collections == ("batch_stats",)``), not parameters.
+- ``vit`` [``patch=4, embed_dim=128, depth=6, heads=4, mlp_dim=256``]: a small Vision
+  Transformer for 32x32 inputs (64 patches of 4x4 and a class token), 811,146 parameters on
+  CIFAR-10.
+
+Models with state (the ResNets' ``batch_stats``): ``init(key)`` returns every collection,
+``apply(variables, x)`` evaluates with the running statistics, and
+``apply(variables, x, train=True)`` returns ``(logits, updates)``, the batch-statistics
+forward pass and the updated collections (``{}`` for a model without state).
 
 Example:
   >>> import jax, jax.numpy as jnp
@@ -44,6 +56,8 @@ import jax.numpy as jnp
 
 from subspace_jax.models._lenet import LeNet, lenet_spatial_sizes
 from subspace_jax.models._mlp import MLP
+from subspace_jax.models._resnet import ResNet
+from subspace_jax.models._vit import ViT
 
 PyTree = Any
 
@@ -63,12 +77,19 @@ class ModelDef(NamedTuple):
       name: registry name.
       module: the Flax module.
       init: ``init(key) -> params``, the variables dict ``{"params": {...}}`` of a dummy batch
-        of shape ``(1, *input_shape)``.
+        of shape ``(1, *input_shape)`` (plus ``"batch_stats"`` for a model with state).
       apply: ``apply(params, x) -> logits``, ``x`` of shape ``(N, *input_shape)``, logits of
-        shape ``(N, num_classes)``. Pure, so it can be jitted, vmapped and differentiated.
-      num_params: total number of parameters D.
+        shape ``(N, num_classes)``, in evaluation mode (running statistics). Pure, so it can
+        be jitted, vmapped and differentiated. ``apply(params, x, train=True)`` returns
+        ``(logits, updates)``: training mode, with the updated state collections.
+      num_params: total number of parameters D (the ``params`` collection; model state such
+        as BatchNorm statistics is not counted).
       config: JSON-serialisable settings (``name``, ``input_shape``, ``num_classes`` and every
         resolved override); ``from_config(config)`` rebuilds the model.
+      head: the leaf-path prefix of the classifier layer (``"params/head"``,
+        ``"params/Dense_2"``): the leaves ``--reinit-head`` draws afresh.
+      state_collections: the mutable collections ``apply(..., train=True)`` updates
+        (``("batch_stats",)`` for the ResNets, ``()`` otherwise).
     """
 
     name: str
@@ -77,6 +98,8 @@ class ModelDef(NamedTuple):
     apply: Callable[[PyTree, jax.Array], jax.Array]
     num_params: int
     config: dict[str, Any]
+    head: str | None = None
+    state_collections: tuple[str, ...] = ()
 
 
 class ModelSpec(NamedTuple):
@@ -108,8 +131,26 @@ MODELS: Mapping[str, ModelSpec] = types.MappingProxyType(
             {**_LENET_DEFAULTS, "features": [2, 4], "hidden": [32, 16]},
             "LeNet with configurable channels, kernel, stride, hidden widths and pooling",
         ),
+        "resnet20": ModelSpec(
+            "resnet",
+            {"blocks": 3, "widths": [16, 32, 64]},
+            "CIFAR ResNet-20 (He et al. 2016): BatchNorm, option-A shortcuts",
+        ),
+        "resnet32": ModelSpec(
+            "resnet",
+            {"blocks": 5, "widths": [16, 32, 64]},
+            "CIFAR ResNet-32 (He et al. 2016): BatchNorm, option-A shortcuts",
+        ),
+        "vit": ModelSpec(
+            "vit",
+            {"patch": 4, "embed_dim": 128, "depth": 6, "heads": 4, "mlp_dim": 256},
+            "small Vision Transformer for 32x32 inputs (patch 4, class token)",
+        ),
     }
 )
+
+#: Families whose modules take ``train`` and keep BatchNorm statistics in ``batch_stats``.
+_STATEFUL = {"resnet": ("batch_stats",)}
 
 
 def model_names() -> tuple[str, ...]:
@@ -150,6 +191,12 @@ _VALIDATORS: dict[str, Callable[[str, Any], Any]] = {
     "pool": _positive_int,
     "width": _positive_int,
     "depth": _positive_int,
+    "blocks": _positive_int,
+    "widths": lambda k, v: _int_list(k, v, min_len=1),
+    "patch": _positive_int,
+    "embed_dim": _positive_int,
+    "heads": _positive_int,
+    "mlp_dim": _positive_int,
 }
 
 
@@ -186,6 +233,17 @@ def _make_module(family: str, num_classes: int, s: Mapping[str, Any]) -> nn.Modu
         return MLP(hidden=tuple(s["hidden"]), num_classes=num_classes)
     if family == "mlp_small":
         return MLP(hidden=(s["width"],) * s["depth"], num_classes=num_classes)
+    if family == "resnet":
+        return ResNet(blocks=s["blocks"], widths=tuple(s["widths"]), num_classes=num_classes)
+    if family == "vit":
+        return ViT(
+            patch=s["patch"],
+            hidden=s["embed_dim"],
+            depth=s["depth"],
+            heads=s["heads"],
+            mlp_dim=s["mlp_dim"],
+            num_classes=num_classes,
+        )
     return LeNet(
         features=tuple(s["features"]),
         kernel_size=s["kernel_size"],
@@ -208,6 +266,10 @@ def _formula_num_params(
         return _dense_chain([math.prod(input_shape), *s["hidden"], num_classes])
     if family == "mlp_small":
         return _dense_chain([math.prod(input_shape), *[s["width"]] * s["depth"], num_classes])
+    if family == "resnet":
+        return _resnet_num_params(input_shape[2], s["blocks"], s["widths"], num_classes)
+    if family == "vit":
+        return _vit_num_params(input_shape, num_classes, s)
     h, w = lenet_spatial_sizes(
         input_shape[:2], s["features"], s["kernel_size"], s["stride"], s["pool"]
     )[-1]
@@ -217,7 +279,64 @@ def _formula_num_params(
     return conv + _dense_chain([h * w * channels[-1], *s["hidden"], num_classes])
 
 
+def _resnet_num_params(channels: int, blocks: int, widths: Sequence[int], num_classes: int) -> int:
+    """Bias-free 3x3 convolutions, a BatchNorm (scale, bias) after each, the Dense head."""
+    total = 9 * channels * widths[0] + 2 * widths[0]  # stem conv + BN
+    c_in = widths[0]
+    for width in widths:
+        for _ in range(blocks):
+            total += 9 * c_in * width + 9 * width * width + 4 * width
+            c_in = width
+    return total + (c_in + 1) * num_classes
+
+
+def _vit_num_params(
+    input_shape: tuple[int, int, int], num_classes: int, s: Mapping[str, Any]
+) -> int:
+    """Patch embedding, class token, positions, blocks (attention, MLP, 2 LN), LN, head."""
+    h, w, c = input_shape
+    p, e, m = s["patch"], s["embed_dim"], s["mlp_dim"]
+    if h % p or w % p:
+        raise ValueError(f"vit patch {p} must divide the input's height and width, got {h}x{w}")
+    if e % s["heads"]:
+        raise ValueError(f"vit heads ({s['heads']}) must divide embed_dim ({e})")
+    tokens = (h // p) * (w // p) + 1
+    block = 4 * (e * e + e) + (e * m + m) + (m * e + e) + 4 * e
+    return (p * p * c * e + e) + e + tokens * e + s["depth"] * block + 2 * e + (e + 1) * num_classes
+
+
+def _head_path(family: str, s: Mapping[str, Any]) -> str:
+    """The classifier layer's leaf-path prefix."""
+    if family in ("resnet", "vit"):
+        return "params/head"
+    if family == "mlp_small":
+        return f"params/Dense_{s['depth']}"
+    return f"params/Dense_{len(s['hidden'])}"
+
+
 # ----------------------------------------------------------------------------- public API
+
+
+def classifier_path(name: str, overrides: Mapping[str, Any] | None = None) -> str:
+    """The leaf-path prefix of a registered model's classifier layer (no model is built).
+
+    Example:
+      >>> classifier_path("lenet")
+      'params/Dense_2'
+    """
+    spec, settings = _resolve(name, dict(overrides or {}))
+    return _head_path(spec.family, settings)
+
+
+def state_collections(name: str) -> tuple[str, ...]:
+    """The mutable collections (model state) a registered model keeps, e.g. ``("batch_stats",)``.
+
+    Raises:
+      ValueError: unknown model name.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; allowed: {', '.join(model_names())}")
+    return _STATEFUL.get(MODELS[name].family, ())
 
 
 def count_params(params: PyTree) -> int:
@@ -267,21 +386,29 @@ def build_model(
     # Validate spatial sizes here, before any tracing (raises a ValueError naming the layer).
     _formula_num_params(spec.family, shape, num_classes, settings)
     module = _make_module(spec.family, num_classes, settings)
+    state = _STATEFUL.get(spec.family, ())
+    mode = {"train": False} if state else {}
 
     def init(key: jax.Array) -> PyTree:
-        return module.init(key, jnp.zeros((1, *shape), jnp.float32))
+        return module.init(key, jnp.zeros((1, *shape), jnp.float32), **mode)
 
-    def apply(params: PyTree, x: jax.Array) -> jax.Array:
+    def apply(params: PyTree, x: jax.Array, *, train: bool = False) -> Any:
         if x.ndim != 4 or tuple(x.shape[1:]) != shape:
             raise ValueError(
                 f"model {name!r} expects input of shape (N, {', '.join(map(str, shape))}), "
                 f"got {tuple(x.shape)}"
             )
-        return module.apply(params, x)
+        if not train:
+            return module.apply(params, x, **mode)
+        if not state:
+            return module.apply(params, x), {}
+        return module.apply(params, x, train=True, mutable=list(state))
 
-    num_params = count_params(jax.eval_shape(init, jax.random.key(0)))
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    num_params = count_params(shapes["params"] if state else shapes)
     config = {"name": name, "input_shape": list(shape), "num_classes": num_classes, **settings}
-    return ModelDef(name, module, init, apply, num_params, config)
+    head = _head_path(spec.family, settings)
+    return ModelDef(name, module, init, apply, num_params, config, head, state)
 
 
 def from_config(config: Mapping[str, Any]) -> ModelDef:

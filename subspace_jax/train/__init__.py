@@ -28,16 +28,20 @@ from subspace_jax.train._loop import (
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes, time_call
 from subspace_jax.train._step import (
+    STATE,
     Divergence,
     all_finite,
     compile_steps,
     cross_entropy,
     guard_finite,
     init_divergence,
+    init_train_vars,
     make_eval_step,
     make_loss_fn,
     make_train_step,
+    split_state,
 )
+from subspace_jax.train._tasks import first_seed_variables
 
 __all__ = [
     "DIRECT_LR",
@@ -46,6 +50,7 @@ __all__ = [
     "ON_DIVERGENCE",
     "OPTIMIZERS",
     "RETRY_LR_FACTOR",
+    "STATE",
     "SUBSPACE_BASE_LR",
     "Divergence",
     "TrainConfig",
@@ -59,10 +64,12 @@ __all__ = [
     "NATIVE_SHAPES",
     "default_image_size",
     "input_shape",
+    "first_seed_variables",
     "direct_phase",
     "guard_finite",
     "init_divergence",
     "init_runs",
+    "init_train_vars",
     "load_data",
     "lottery_states",
     "make_eval_step",
@@ -73,6 +80,7 @@ __all__ = [
     "median_ms",
     "peak_memory_bytes",
     "resolve_lr",
+    "split_state",
     "run_keys",
     "time_call",
     "top_directions",

@@ -31,7 +31,6 @@ from subspace_jax._subspace import (
     Subspace,
     check_finite,
     init_from_layout,
-    init_trainable,
     make_layout,
 )
 from subspace_jax.data import (
@@ -41,7 +40,9 @@ from subspace_jax.data import (
     load_dataset,
     num_batches,
 )
-from subspace_jax.models import build_model
+from subspace_jax.data._augment import augment_key, augment_step
+from subspace_jax.data._classes import select_classes
+from subspace_jax.models import build_model, classifier_path
 from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_factor
 from subspace_jax.train._kinds import (
     default_lottery_every,
@@ -50,7 +51,13 @@ from subspace_jax.train._kinds import (
     lottery_states,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes
-from subspace_jax.train._step import compile_steps, init_divergence
+from subspace_jax.train._step import compile_steps, init_divergence, init_train_vars
+from subspace_jax.train._tasks import (
+    checkpoint_without_head,
+    head_labels,
+    model_init_with_fresh_head,
+    with_direct_lr,
+)
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
 #: Default Adam learning rate of direct training (Li et al. 2018 / the Uber scripts).
@@ -107,6 +114,14 @@ class TrainConfig:
         seed (subspace fine-tuning); None: the model's own initialisation.
       on_divergence: ``"stop"`` or ``"retry"`` (see ``ON_DIVERGENCE``).
       max_retries: with ``on_divergence="retry"``, retries per diverged seed (>= 0).
+      augment: standard CIFAR augmentation of every training batch (pad-4 random crop and
+        horizontal flip, on the device, from ``data_seed`` and the step:
+        ``subspace_jax.data._augment``).
+      classes: keep only these labels of the dataset, relabelled ``0..k-1`` in this order
+        (None: every class); see ``subspace_jax.data.select_classes``.
+      reinit_head: draw the classifier layer afresh (each seed's own ``model.init``) instead of
+        taking it from ``theta0_path``, and train it directly beside the subspace at the direct
+        learning rate; ``dim`` counts only the subspace.
     """
 
     model: str = "mlp"
@@ -132,6 +147,9 @@ class TrainConfig:
     theta0_path: str | None = None
     on_divergence: str = "stop"
     max_retries: int = 2
+    augment: bool = False
+    classes: tuple[int, ...] | None = None
+    reinit_head: bool = False
 
     def to_dict(self) -> dict:
         """JSON-serialisable fields; the fields added later only when not default.
@@ -144,6 +162,8 @@ class TrainConfig:
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
         d["model_overrides"] = dict(self.model_overrides)
+        if d["classes"] is not None:
+            d["classes"] = list(d["classes"])
         for name, default in _LATER_FIELDS.items():
             if d[name] == default:
                 del d[name]
@@ -158,6 +178,9 @@ _LATER_FIELDS = {
     "theta0_path": None,
     "on_divergence": "stop",
     "max_retries": 2,
+    "augment": False,
+    "classes": None,
+    "reinit_head": False,
 }
 
 
@@ -223,11 +246,27 @@ def validate_config(config: TrainConfig) -> None:
         ):
             if on:
                 raise ValueError(f"{name} needs a subspace: dim must be >= 1, got dim = 0")
+    _validate_task(config)
     if b > 0 and config.projection == LOTTERY:
         raise ValueError(
             "burn_in_steps and projection='lottery' cannot be combined: the lottery subspace "
             "starts at the initialisation its trajectory started from"
         )
+
+
+def _validate_task(config: TrainConfig) -> None:
+    """``augment``, ``classes`` and ``reinit_head``."""
+    if not isinstance(config.augment, bool) or not isinstance(config.reinit_head, bool):
+        raise ValueError("augment and reinit_head must be booleans")
+    c = config.classes
+    if c is not None:
+        if (
+            isinstance(c, (str, bytes))
+            or len(c) < 2
+            or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in c)
+            or len(set(c)) != len(c)
+        ):
+            raise ValueError(f"classes must be at least 2 distinct labels >= 0, got {c!r}")
 
 
 def check_data_fits(config: TrainConfig, data: Dataset) -> None:
@@ -308,13 +347,14 @@ def resolve_lr(config: TrainConfig, layout: Layout) -> float:
 
 def load_data(config: TrainConfig) -> Dataset:
     size = config.image_size or default_image_size(config.model, config.dataset)
-    return load_dataset(
+    data = load_dataset(
         config.dataset,
         config.data_dir,
         val_size=config.val_size,
         seed=config.data_seed,
         image_size=size,
     )
+    return select_classes(data, config.classes) if config.classes is not None else data
 
 
 def config_layout(config: TrainConfig, params: Any) -> Layout:
@@ -323,8 +363,16 @@ def config_layout(config: TrainConfig, params: Any) -> Layout:
     A lottery subspace is laid out as a stored ``orthogonal`` projection (``LOTTERY_APPLY``).
     """
     projection = LOTTERY_APPLY if config.projection == LOTTERY else config.projection
+    labels = None
+    if config.reinit_head and config.dim:  # the classifier is trained directly (d excludes it)
+        labels = head_labels(classifier_path(config.model, config.model_overrides))
     return make_layout(
-        params, config.dim, projection=projection, per_leaf=config.per_layer, said=config.said
+        params,
+        config.dim,
+        projection=projection,
+        per_leaf=config.per_layer,
+        said=config.said,
+        labels=labels,
     )
 
 
@@ -442,8 +490,18 @@ def _build_model(config: TrainConfig, data: Dataset, theta0_fn):
     """The model for ``data``'s input shape, with theta0 from ``theta0_fn`` or the checkpoint."""
     data_shape = tuple(int(s) for s in data.x_train.shape[1:])
     model = build_model(config.model, data_shape, data.num_classes, **dict(config.model_overrides))
+    if model.state_collections and (config.burn_in_steps or config.projection == LOTTERY):
+        raise ValueError(
+            f"model {config.model!r} keeps BatchNorm statistics: burn-in and lottery subspaces "
+            "are not supported for models with state yet"
+        )
     if theta0_fn is None and config.theta0_path is not None:
-        theta0_fn = checkpoint_init(config.theta0_path, model)
+        if config.reinit_head:
+            theta0_fn = checkpoint_without_head(config.theta0_path, model)
+        else:
+            theta0_fn = checkpoint_init(config.theta0_path, model)
+    elif theta0_fn is not None and config.reinit_head:
+        theta0_fn = model_init_with_fresh_head(theta0_fn, model)
     if theta0_fn is not None:
         model = model._replace(init=theta0_fn)
     return model, theta0_fn
@@ -509,6 +567,8 @@ def _train_seeds(
 ) -> _Runs:
     """Train ``config.seeds`` together at learning rate ``lr`` and evaluate them."""
     optimizer = make_optimizer(config.optimizer, lr)
+    if config.reinit_head and config.dim:  # the classifier at the direct learning rate
+        optimizer = with_direct_lr(make_optimizer, config.optimizer, lr, DIRECT_LR)
     train_step, eval_step = compile_steps(model.apply, optimizer, config.l2, guard=True)
     n = len(config.seeds)
     keys = run_keys(config.seeds)
@@ -520,7 +580,7 @@ def _train_seeds(
     else:
         subs = init_runs(config, model, layout, keys)
     check_finite(subs, seeds=config.seeds)
-    trainables = jax.vmap(init_trainable)(subs)
+    trainables = jax.vmap(init_train_vars)(subs)  # with the model's state (BatchNorm), if any
     # Copy: directly trained leaves are donated to the step and must not alias theta0.
     trainables = jax.tree_util.tree_map(jnp.copy, trainables)
     opt_states = jax.vmap(optimizer.init)(trainables)
@@ -544,6 +604,8 @@ def _train_seeds(
             if step >= total_steps:
                 break
             t = time.perf_counter()
+            if config.augment:
+                xb = augment_step(augment_key(config.data_seed), jnp.int32(step), xb)
             trainables, opt_states, divs, loss, acc = train_step(
                 subs, trainables, opt_states, divs, xb, yb
             )

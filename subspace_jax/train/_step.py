@@ -4,6 +4,15 @@ Both steps are pure functions of ``(sub, trainable, opt_state, x, y)``; the subs
 holds P) is an argument, never a closure, so a large P is not baked into the compiled program
 as a constant. ``jax.vmap`` over the first three arguments trains several seeds in one program.
 
+Model state (BatchNorm statistics): a model with mutable collections trains with the
+trainable dict of :func:`init_train_vars`, which carries them under ``"state"`` beside what
+optax trains (``{"w", "direct", "state": {"batch_stats": ...}}``). The step then runs the model
+in training mode (``apply_fn(variables, x, train=True) -> (logits, updates)``: batch
+statistics, the running statistics updated), gives the state a zero gradient and replaces it by
+the updates, so the statistics are never projected or moved by the optimiser; evaluation uses
+the running statistics (``apply_fn(variables, x)``). A trainable without ``"state"`` trains
+exactly as before.
+
 :func:`guard_finite` wraps a training step so that a run whose loss or state becomes
 non-finite stops updating and records the step (like ``optax.apply_if_finite``, but for good):
 the record stays on the device, so guarding adds no host synchronisation to a step.
@@ -18,10 +27,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspace_jax._subspace import Subspace, all_finite, to_params
+from subspace_jax._subspace import Subspace, all_finite, init_trainable, to_params
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+#: Key of a trainable dict holding the model's mutable collections (not trained by optax).
+STATE = "state"
+
+
+def init_train_vars(sub: Subspace) -> dict:
+    """:func:`~subspace_jax.init_trainable`, plus the model's state when it has any.
+
+    Returns:
+      ``init_trainable(sub)``, with ``"state": sub.other_collections`` (e.g.
+      ``{"batch_stats": ...}``) when the subspace's variables have collections that are not
+      projected. Vmap it over a batch of subspaces like ``init_trainable``.
+    """
+    trainable = init_trainable(sub)
+    if sub.other_collections:
+        trainable[STATE] = {k: v for k, v in sub.other_collections.items()}
+    return trainable
+
+
+def split_state(trainable) -> tuple[Any, dict | None]:
+    """``(trainable without "state", state or None)``."""
+    if isinstance(trainable, dict) and STATE in trainable:
+        return {k: v for k, v in trainable.items() if k != STATE}, trainable[STATE]
+    return trainable, None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -49,6 +82,21 @@ def make_loss_fn(apply_fn: ApplyFn, l2: float = 0.0):
     return loss_fn
 
 
+def _make_state_loss_fn(apply_fn: ApplyFn, l2: float = 0.0):
+    """``loss(trainable, sub, state, x, y) -> (loss, (accuracy, new state))``, training mode."""
+
+    def loss_fn(trainable, sub: Subspace, state, x, y):
+        variables = to_params(sub, trainable, state)
+        logits, updates = apply_fn(variables, x, train=True)
+        loss = cross_entropy(logits, y)
+        if l2:
+            loss = loss + l2 * l2_penalty({k: v for k, v in variables.items() if k not in state})
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return loss, (acc, {k: dict(updates[k]) for k in state})
+
+    return loss_fn
+
+
 def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, l2: float = 0.0):
     """Build ``step(sub, trainable, opt_state, x, y) -> (trainable, opt_state, loss, acc)``.
 
@@ -62,13 +110,27 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       :func:`compile_steps`.
     """
     grad_fn = jax.value_and_grad(make_loss_fn(apply_fn, l2), has_aux=True)
+    state_grad_fn = jax.value_and_grad(_make_state_loss_fn(apply_fn, l2), has_aux=True)
 
     def step(sub, trainable, opt_state, x, y):
+        if STATE in trainable:
+            return state_step(sub, trainable, opt_state, x, y)
         (loss, acc), grads = grad_fn(trainable, sub, x, y)
         # optax's Adam computes decay ** count (float ** int32): only standard promotion allows it.
         with jax.numpy_dtype_promotion("standard"):
             updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
+        return trainable, opt_state, loss, acc
+
+    def state_step(sub, trainable, opt_state, x, y):
+        inner, state = split_state(trainable)
+        (loss, (acc, new_state)), grads = state_grad_fn(inner, sub, state, x, y)
+        # The state is in the optimiser's tree (it was initialised on the whole dict) but gets
+        # a zero gradient, and its update is dropped: the model's own update replaces it.
+        grads = {**grads, STATE: jax.tree_util.tree_map(jnp.zeros_like, state)}
+        with jax.numpy_dtype_promotion("standard"):
+            updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = {**optax.apply_updates(trainable, updates), STATE: new_state}
         return trainable, opt_state, loss, acc
 
     return step
@@ -137,10 +199,14 @@ def guard_finite(step):
 
 
 def make_eval_step(apply_fn: ApplyFn):
-    """Build ``eval(sub, trainable, x, y) -> (sum of losses, number correct)`` over a chunk."""
+    """Build ``eval(sub, trainable, x, y) -> (sum of losses, number correct)`` over a chunk.
+
+    A model's state in ``trainable["state"]`` (running BatchNorm statistics) is used as is.
+    """
 
     def evaluate(sub, trainable, x, y):
-        logits = apply_fn(to_params(sub, trainable), x)
+        trainable, state = split_state(trainable)
+        logits = apply_fn(to_params(sub, trainable, state), x)
         losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
         return jnp.sum(losses), jnp.sum(jnp.argmax(logits, -1) == y)
 
