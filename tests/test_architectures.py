@@ -406,3 +406,75 @@ def test_done_when_resnet20_cifar10_fastfood_2000():
     )
     result, sub, _, _ = _check_state_moved_and_span(config, data)
     assert result["num_params"] == 269_722 and result["dim"] == 2000
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+TINY_CLI = ["--quiet", "--epochs", "1", "--max-steps", "3", "--batch-size", "32"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--classes", "3"], "at least 2"),
+        (["train", "--classes", "1,1"], "at least 2 distinct"),
+        (["train", "--classes", "a,b"], "class"),
+        (["train", "--classes", "0,12"], "not labels"),
+        (["id", "--theta0", "nowhere.npz"], "--theta0"),
+        (["sweep", "--dims", "4", "--theta0", "nowhere.npz"], "--theta0"),
+        (
+            ["train", "--model", "resnet20", "--dim", "10", "--save-compressed", "x.npz"],
+            "--save-params",
+        ),
+    ],
+)
+def test_bad_task_flags_are_short_errors(args, message, capsys, tmp_path, monkeypatch):
+    from subspace_jax import cli
+
+    monkeypatch.chdir(tmp_path)
+    assert cli.main([*args, "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and message in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_save_params_then_theta0_with_reinit_head(tmp_path):
+    """train --save-params writes the first seed's variables; --theta0 --reinit-head starts
+    there with a new 3-class head trained directly (d counts only the subspace)."""
+    from subspace_jax import cli
+    from subspace_jax._checkpoint import load_params
+
+    ckpt = tmp_path / "pre.npz"
+    args = ["train", "--model", "mlp_small", *TINY_CLI, "--classes", "0,1,2,3,4"]
+    assert cli.main([*args, "--seeds", "3,4", "--save-params", str(ckpt)]) == 0
+    five = build_model("mlp_small", MNIST, 5)
+    saved = load_params(ckpt, jax.eval_shape(five.init, jax.random.key(0)))
+    # The first seed (3): its direct training moved its own init.
+    k_model, _ = jax.random.split(jax.random.key(3))
+    init = five.init(k_model)["params"]["Dense_0"]["kernel"]
+    assert init.shape == saved["params"]["Dense_0"]["kernel"].shape
+    assert not np.allclose(init, saved["params"]["Dense_0"]["kernel"])
+    assert np.abs(np.asarray(init) - saved["params"]["Dense_0"]["kernel"]).max() < 0.1
+
+    out = tmp_path / "fine.json"
+    fine = ["train", "--model", "mlp_small", *TINY_CLI, "--classes", "5,6,7"]
+    fine += ["--dim", "20", "--projection", "fastfood", "--theta0", str(ckpt), "--reinit-head"]
+    assert cli.main([*fine, "--json", str(out)]) == 0
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["dim"] == 20 and result["theta0"] == f"checkpoint:{ckpt}"
+    assert result["config"]["reinit_head"] is True and result["config"]["classes"] == [5, 6, 7]
+    # Without --reinit-head the 5-class checkpoint does not fit a 3-class model: exit 2.
+    no_head = [a for a in fine if a != "--reinit-head"]
+    assert cli.main(no_head) == 2
+
+
+@pytest.mark.slow
+def test_augment_changes_training_deterministically():
+    base = TrainConfig(model="mlp_small", dataset="digits", epochs=1, max_steps=4, batch_size=32)
+    plain = train_and_evaluate(base)
+    aug = [train_and_evaluate(dataclasses.replace(base, augment=True)) for _ in range(2)]
+    assert aug[0]["history"][0]["train_loss"] == aug[1]["history"][0]["train_loss"]
+    assert aug[0]["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
+    assert aug[0]["config"]["augment"] is True
