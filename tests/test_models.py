@@ -287,7 +287,16 @@ def test_config_records_resolved_defaults():
 
 
 def test_model_names_match_registry():
-    assert model_names() == ("lenet", "lenet_small", "mlp", "mlp2", "mlp_small")
+    assert model_names() == (
+        "lenet",
+        "lenet_small",
+        "mlp",
+        "mlp2",
+        "mlp_small",
+        "resnet20",
+        "resnet32",
+        "vit",
+    )
 
 
 def test_unknown_model_lists_allowed():
