@@ -55,10 +55,16 @@ def _random_params(model, seed: int):
     """float32 parameters with the model's tree, drawn by numpy (non-zero biases)."""
     rng = np.random.default_rng(seed)
     shapes = jax.eval_shape(model.init, jax.random.key(0))
-    return jax.tree_util.tree_map(
+    params = jax.tree_util.tree_map(
         lambda s: jnp.asarray(rng.normal(size=s.shape) / np.sqrt(max(1, s.shape[0])), s.dtype),
         shapes,
     )
+    if "batch_stats" in params:  # running variances positive and away from 0 (scale ~ 1)
+        params = {
+            **params,
+            "batch_stats": jax.tree_util.tree_map(lambda a: 1 + jnp.abs(a), params["batch_stats"]),
+        }
+    return params
 
 
 # ------------------------------------------------------------------------ exact parameter counts
