@@ -2,9 +2,12 @@
 
 Models: the MLP on MNIST (D = 159,010) and on CIFAR-10 at 28x28x3 (D = 472,610); d in
 ``DIMS`` (``full`` is d = D); every projection in ``PROJECTIONS``, the slow or large ones only
-up to ``SMALL_D_CAP``. Cells that do not fit the memory budget, or whose estimated run time
-exceeds ``--max-cell-seconds``, are reported as skipped with the reason. The JSON is rewritten
-after every record, so an interrupted run keeps what it measured.
+up to ``SMALL_D_CAP``. Then the real architectures, ResNet-20 (BatchNorm, D = 269,722) and
+the ViT (D = 811,146) on CIFAR-10, with the matrix-free projections only (``ARCH_*``; their
+BatchNorm statistics are updated by every timed step, as in training). Cells that do not fit
+the memory budget, or whose estimated run time exceeds ``--max-cell-seconds``, are reported as
+skipped with the reason. The JSON is rewritten after every record, so an interrupted run keeps
+what it measured.
 
 Usage (see run_cpu.sh and run_gpu.sh):
   python benchmarks/run_grid.py --out benchmarks/results/cpu.json --png benchmarks/results/cpu.png
@@ -35,6 +38,10 @@ PROJECTIONS = (
 )
 #: Projections the issue runs at small d only (slow, or as large as dense).
 SMALL_D_CAP = {"sparse_achlioptas": 1000, "dense_regen": 1000, "orthogonal": 1000}
+#: Architectures (issue 11), timed with the matrix-free projections (O(D) state) only.
+ARCH_MODELS = (("resnet20", "cifar10"), ("vit", "cifar10"))
+ARCH_PROJECTIONS = ("fastfood", "orthogonal_hadamard", "dense_hash")
+ARCH_DIMS = (1000, 10000, 50000)
 
 
 def _round(obj, digits=4):
@@ -60,6 +67,13 @@ def main(argv=None) -> int:
     p.add_argument("--models", default=",".join(f"{m}:{d}" for m, d in MODELS))
     p.add_argument("--projections", default=",".join(PROJECTIONS))
     p.add_argument("--dims", default=",".join(str(d) for d in DIMS))
+    p.add_argument(
+        "--arch-models",
+        default=",".join(f"{m}:{d}" for m, d in ARCH_MODELS),
+        help="architectures timed with --arch-projections at --arch-dims ('' for none)",
+    )
+    p.add_argument("--arch-projections", default=",".join(ARCH_PROJECTIONS))
+    p.add_argument("--arch-dims", default=",".join(str(d) for d in ARCH_DIMS))
     args = p.parse_args(argv)
 
     models = [tuple(m.split(":")) for m in args.models.split(",")]
@@ -82,13 +96,17 @@ def main(argv=None) -> int:
             flush=True,
         )
 
+    arch = [tuple(m.split(":")) for m in args.arch_models.split(",") if m]
+    arch_dims = [d if d == "full" else int(d) for d in args.arch_dims.split(",")]
+    grid = [(m, d, dims, projections) for m, d in models]
+    grid += [(m, d, arch_dims, args.arch_projections.split(",")) for m, d in arch]
     final: list[dict] = []
-    for model, dataset in models:
+    for model, dataset, model_dims, model_projections in grid:
         final += run_benchmark(
             model,
             dataset,
-            dims,
-            projections,
+            model_dims,
+            model_projections,
             steps=args.steps,
             warmup=args.warmup,
             batch_size=args.batch_size,

@@ -72,7 +72,6 @@ from subspace_jax._subspace import (
     check_finite,
     init_from_layout,
     init_subspace,
-    init_trainable,
     make_layout,
 )
 from subspace_jax.data import DATASETS
@@ -87,6 +86,7 @@ from subspace_jax.projections._sparse import SPARSE_VARIANTS, max_nnz_per_column
 from subspace_jax.train import (
     DIRECT_LR,
     TrainConfig,
+    init_train_vars,
     make_optimizer,
     make_train_step,
     train_and_evaluate,
@@ -277,7 +277,8 @@ class _Stepper:
 
         def start(sub):
             # Copies: the trainable state is donated and must not alias theta0.
-            trainable = jax.tree_util.tree_map(jnp.copy, init_trainable(sub))
+            # init_train_vars: with the model's state (BatchNorm statistics), if any.
+            trainable = jax.tree_util.tree_map(jnp.copy, init_train_vars(sub))
             return trainable, opt.init(trainable)
 
         self.sub = sub
