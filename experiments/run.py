@@ -12,7 +12,10 @@ An experiment is ``experiments/configs/<name>.json``::
     }
 
 Each run's output path is added here, never written in the config: a ``train`` run gets
-``--json results/<name>/<run>.json`` and a ``sweep`` run ``--out results/<name>/<run>``. Runs
+``--json results/<name>/<run>.json`` and a ``sweep`` or ``id`` run ``--out
+results/<name>/<run>``. Files that runs pass to each other (``train --save-params`` then
+``id --theta0``) are named ``{out}/<file>`` in the config; ``{out}`` becomes the
+experiment's results folder (``results/<name>`` or ``results/quick/<name>``). Runs
 are resumable: a ``train`` run is skipped when its JSON exists and was made by the same
 configuration (every field of its ``config``) on the same data (its ``data_fingerprint``), and
 is trained again otherwise; a ``sweep`` reuses every run already in its folder whose
@@ -45,6 +48,12 @@ RESULTS_DIR = Path("results")
 QUICK_SETTINGS = {"--epochs": "1", "--max-steps": "3"}
 #: How many dims of a sweep ``--quick`` keeps.
 QUICK_DIMS = 2
+#: What ``--quick`` sets on an ``id`` search: a short doubling from a small d.
+QUICK_ID = {"--d-start": "16", "--d-max": "32", "--precision": "1"}
+#: The subcommands a run may use.
+COMMANDS = ("train", "sweep", "id")
+#: Placeholder for the experiment's results folder in a run's arguments.
+OUT = "{out}"
 
 
 def config_names() -> list[str]:
@@ -80,9 +89,9 @@ def load_config(name: str) -> dict:
             raise ValueError(f"{path.name}: duplicate run name {run['name']!r}")
         seen.add(run["name"])
         args = run["args"]
-        if not args or args[0] not in ("train", "sweep"):
+        if not args or args[0] not in COMMANDS:
             raise ValueError(
-                f"{path.name}: run {run['name']!r} must start with 'train' or 'sweep', "
+                f"{path.name}: run {run['name']!r} must start with one of {COMMANDS}, "
                 f"got {args[:1]}"
             )
         if any(a in ("--json", "--out") for a in args):
@@ -111,12 +120,16 @@ def invocation(experiment: str, run: dict, *, quick: bool = False) -> tuple[list
     """The full argument list for ``cli.main`` and the output path of one run."""
     args = list(run["args"])
     base = RESULTS_DIR / "quick" / experiment if quick else RESULTS_DIR / experiment
+    args = [a.replace(OUT, str(base)) for a in args]
     if quick:
         for flag, value in QUICK_SETTINGS.items():
             args = set_flag(args, flag, value)
         if args[0] == "sweep":
             dims = get_flag(args, "--dims").split(",")
             args = set_flag(args, "--dims", ",".join(dims[:QUICK_DIMS]))
+        if args[0] == "id":
+            for flag, value in QUICK_ID.items():
+                args = set_flag(args, flag, value)
     if args[0] == "train":
         out = base / f"{run['name']}.json"
         args += ["--json", str(out)]
@@ -192,6 +205,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if args[0] == "train" and out.exists() and not opts.force:
             reason = stale_reason(args, out, fingerprints)
+            saved = get_flag(args, "--save-params")
+            if reason is None and saved is not None and not Path(saved).is_file():
+                reason = f"its checkpoint {saved} is missing"
             if reason is None:
                 print(f"   exists, skipped: {out}", file=sys.stderr, flush=True)
                 continue

@@ -590,6 +590,151 @@ def _dedupe(path: Path) -> list[dict]:
     return list(seen.values())
 
 
+def _read_id(experiment: str, run: str) -> dict | None:
+    path = RESULTS / experiment / run / "id.json"
+    return results.read_json(path) if path.exists() else None
+
+
+def _dint_text(r: dict | None) -> str:
+    if r is None:
+        return "not run"
+    text = describe_estimate(r)
+    if r.get("ci_low") is not None and r.get("ci_high") is not None:
+        text += f" [{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]"
+    return text
+
+
+def _ratio(pre: dict | None, scratch: dict | None) -> str:
+    """Ratio of the point estimates, with the interval of the two 95% intervals' ends
+    (``lo_pre / hi_scratch``, ``hi_pre / lo_scratch``): conservative, not a 95% interval."""
+    if not pre or not scratch or pre.get("d_int") is None or scratch.get("d_int") is None:
+        return "n/a"
+    text = f"{pre['d_int'] / scratch['d_int']:.3f}"
+    ends = (pre.get("ci_low"), pre.get("ci_high"), scratch.get("ci_low"), scratch.get("ci_high"))
+    if all(e is not None and e > 0 for e in ends):
+        text += f" [{ends[0] / ends[3]:.3f}, {ends[1] / ends[2]:.3f}]"
+    return text
+
+
+def section_finetune(experiment: str = "finetune_cifar") -> str:
+    """Pretrained vs random theta0: d_int90 on CIFAR-10 classes 5-9, and their ratio."""
+    config = runner.load_config(experiment)
+    models = []
+    for entry in config["runs"]:
+        if entry["name"].endswith("_id_scratch"):
+            models.append(entry["name"][: -len("_id_scratch")])
+    rows, points = [], {}
+    for model in models:
+        scratch = _read_id(experiment, f"{model}_id_scratch")
+        arms = [("random", None, scratch)]
+        for label in ("short", "long"):
+            pre = read_train(experiment, f"{model}_pre_{label}")
+            arms.append((label, pre, _read_id(experiment, f"{model}_id_pre_{label}")))
+        for label, pre, r in arms:
+            epochs = (
+                "0" if label == "random" else (str(pre["config"]["epochs"]) if pre else "not run")
+            )
+            pre_acc = fmt(pre["val_accuracy"]) if pre else ("" if label == "random" else "n/a")
+            baseline = fmt(r["baseline"]["value"]) if r else "n/a"
+            runs = r["num_training_runs"]["total"] if r else ""
+            rows.append(
+                [
+                    model,
+                    "random init" if label == "random" else f"pretrained ({label})",
+                    epochs,
+                    pre_acc,
+                    baseline,
+                    _dint_text(r),
+                    "1" if label == "random" else _ratio(r, scratch),
+                    runs,
+                ]
+            )
+            if r and r.get("d_int") is not None and epochs.isdigit():
+                points.setdefault(model, []).append(
+                    (int(epochs), r["d_int"], r.get("ci_low"), r.get("ci_high"))
+                )
+    out = table(
+        [
+            "model",
+            "theta0",
+            "pretraining epochs (classes 0-4)",
+            "pretrain val acc",
+            "direct baseline, classes 5-9 (val acc)",
+            "d_int90 [95% t-interval]",
+            "ratio to random [ends of intervals]",
+            "training runs",
+        ],
+        rows,
+    )
+    if points:
+        figure = _plot_finetune(FIGURES / f"{experiment}.png", points)
+        out += f"\n\n![d_int90 vs pretraining]({figure})"
+    return out + "\n\n" + commands(experiment)
+
+
+def _plot_finetune(path: Path, points: dict) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for model, pts in sorted(points.items()):
+        pts = sorted(pts)
+        x = [p[0] for p in pts]
+        y = [p[1] for p in pts]
+        lo = [p[1] - p[2] if p[2] is not None else 0 for p in pts]
+        hi = [p[3] - p[1] if p[3] is not None else 0 for p in pts]
+        ax.errorbar(x, y, yerr=[lo, hi], marker="o", capsize=3, label=model)
+    ax.set_yscale("log")
+    ax.set_xlabel("pretraining epochs on classes 0-4 (0 = random theta0)")
+    ax.set_ylabel("d_int90 on classes 5-9")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return os.path.relpath(path, ROOT)
+
+
+def section_resnet(experiment: str = "resnet20_cifar") -> str:
+    """ResNet-20 on CIFAR-10: direct baseline, then val accuracy vs d per subspace kind."""
+    config = runner.load_config(experiment)
+    direct = read_train(experiment, "direct")
+    rows = []
+    for entry in config["runs"]:
+        name = entry["name"]
+        if entry["args"][0] == "sweep":
+            data = read_sweep(experiment, name)
+            if data is None:
+                rows.append([name, "", "not run", "", ""])
+                continue
+            base, sub = data
+            summ = summarize_sweep(base, sub) if base and sub else None
+            for d in sorted({int(r["dim"]) for r in sub}):
+                accs = [r["val_accuracy"] for r in sub if int(r["dim"]) == d]
+                rows.append([name, f"{d:,}", fmt(float(np.mean(accs))), "", ""])
+            rows.append([name, "d_int90", describe_estimate(summ) if summ else "n/a", "", ""])
+        elif name.startswith("said_"):
+            r = read_train(experiment, name)
+            if r is None:
+                rows.append([name, "", "not run", "", ""])
+            else:
+                rows.append(
+                    [name, f"{r['dim']:,}", fmt(r["val_accuracy"]), f"{r['step_time_ms']:.0f}", ""]
+                )
+    head = (
+        "not run"
+        if direct is None
+        else (
+            f"{fmt(direct['val_accuracy'])} (D = {direct['num_params']:,}, "
+            f"{direct['wall_time_s']:.0f} s)"
+        )
+    )
+    out = f"Direct baseline (val acc): {head}\n\n"
+    out += table(["run", "d", "val acc (mean over seeds)", "step ms", ""], rows)
+    return out + "\n\n" + commands(experiment)
+
+
 SECTIONS = {
     "summary": section_summary,
     "hardware": section_hardware,
@@ -601,6 +746,8 @@ SECTIONS = {
     "orth_vs_gauss": section_orth,
     "small_models": section_small,
     "cifar_projections": section_projections,
+    "finetune_cifar": section_finetune,
+    "resnet20_cifar": section_resnet,
 }
 
 

@@ -50,10 +50,18 @@ def test_every_invocation_parses(name, quick):
             assert ns.out == str(out)
             if quick:
                 assert len(dims) <= run.QUICK_DIMS
+        elif ns.command == "id":
+            assert ns.out == str(out)
+            if quick:
+                assert ns.d_max == int(run.QUICK_ID["--d-max"])
         else:
             assert ns.json == str(out)
         expected_root = Path("results") / ("quick" if quick else "") / name
         assert out.parent == expected_root
+        assert not any(run.OUT in a for a in args)  # every {out} resolved
+        for flag in ("--theta0", "--save-params"):
+            if getattr(ns, flag[2:].replace("-", "_"), None):
+                assert Path(getattr(ns, flag[2:].replace("-", "_"))).parent == expected_root
         if quick:
             assert ns.epochs == 1 and ns.max_steps == int(run.QUICK_SETTINGS["--max-steps"])
 
