@@ -181,8 +181,8 @@ def _check_state_moved_and_span(config, data, *, check_span=True):
         cols = jax.jit(jax.vmap(lambda e, st=st, proj=proj: proj.apply(st, e)))
         eye = np.eye(g.dim, dtype=np.float32)
         acc = np.zeros(g.size)
-        for start in range(0, g.dim, 256):
-            block = np.asarray(cols(eye[start : start + 256]), np.float64)
+        for start in range(0, g.dim, 128):
+            block = np.asarray(cols(eye[start : start + 128]), np.float64)
             acc += w[g.offset + start : g.offset + start + len(block)] @ block
         delta.append(acc)
     delta = np.concatenate(delta)
@@ -478,3 +478,88 @@ def test_augment_changes_training_deterministically():
     assert aug[0]["history"][0]["train_loss"] == aug[1]["history"][0]["train_loss"]
     assert aug[0]["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
     assert aug[0]["config"]["augment"] is True
+
+
+def _cgls(apply, transpose, b: np.ndarray, iters: int = 200, tol: float = 1e-10):
+    """Least squares ``min_w ||P w - b||`` by conjugate gradients on the normal equations
+    (CGLS), with ``P`` given by its products only; float64. Returns ``(w, residual)``."""
+    w = np.zeros(len(transpose(b)))
+    r = b.copy()
+    s = transpose(r)
+    p, gamma = s.copy(), s @ s
+    for _ in range(iters):
+        q = apply(p)
+        alpha = gamma / (q @ q)
+        w += alpha * p
+        r -= alpha * q
+        s = transpose(r)
+        new = s @ s
+        if new < tol * tol:
+            break
+        p, gamma = s + new / gamma * p, new
+    return w, r
+
+
+@pytest.mark.realdata
+@pytest.mark.slow
+def test_done_when_cli_resnet20_cifar10_fastfood_2000(tmp_path):
+    """The issue's command through the real entry point (2 steps): the saved BatchNorm
+    statistics moved from their initial values, and theta - theta0 is in span(P): a least-squares
+    fit on P's columns leaves no residual (while a perturbed difference does)."""
+    import json
+    import subprocess
+    import sys
+
+    from subspace_jax import init_from_layout
+    from subspace_jax._checkpoint import load_params
+    from subspace_jax.train import config_layout
+
+    root = _shared_data()
+    if root is None or not (root / "cifar10").is_dir():
+        pytest.skip("real CIFAR-10 not found under ../shared/data")
+    ckpt, out = tmp_path / "theta.npz", tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "subspace_jax", "train", "--model", "resnet20"]
+    cmd += ["--dataset", "cifar10", "--data-dir", str(root / "cifar10"), "--dim", "2000"]
+    cmd += ["--projection", "fastfood", "--epochs", "1", "--max-steps", "2", "--quiet"]
+    cmd += ["--val-size", "500", "--batch-size", "32"]
+    cmd += ["--save-params", str(ckpt), "--json", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["num_params"] == 269_722 and result["dim"] == 2000
+    model = build_model("resnet20", CIFAR, 10)
+    saved = load_params(ckpt, jax.eval_shape(model.init, jax.random.key(0)))
+    k_model, k_proj = jax.random.split(jax.random.key(0))
+    theta0 = model.init(k_model)
+    stats = zip(
+        jax.tree_util.tree_leaves(saved["batch_stats"]),
+        jax.tree_util.tree_leaves(theta0["batch_stats"]),
+        strict=True,
+    )
+    assert all(not np.allclose(a, b) for a, b in stats)  # every statistic moved
+    config = TrainConfig(model="resnet20", dataset="cifar10", dim=2000, projection="fastfood")
+    sub = init_from_layout(k_proj, theta0, config_layout(config, theta0))
+    (group,) = sub.layout.groups
+    proj, state = sj.get_projection(group.projection), sub.proj_states[0]
+    apply = jax.jit(lambda w: proj.apply(state, w))
+    transpose = jax.jit(lambda g: proj.transpose(state, g))
+
+    def flat(params):
+        return np.concatenate([np.ravel(x) for x in jax.tree_util.tree_leaves(params)])
+
+    delta = (flat(saved["params"]) - flat(theta0["params"])).astype(np.float64)
+    assert np.linalg.norm(delta) > 0
+
+    def fit(b):
+        return _cgls(
+            lambda w: np.asarray(apply(jnp.asarray(w, jnp.float32)), np.float64),
+            lambda g: np.asarray(transpose(jnp.asarray(g, jnp.float32)), np.float64),
+            b,
+        )
+
+    _, residual = fit(delta)
+    assert np.linalg.norm(residual) < 1e-3 * np.linalg.norm(delta)
+    # Control: the same difference plus a random direction (almost surely outside span(P)).
+    noise = np.random.default_rng(0).normal(size=delta.shape) * np.linalg.norm(delta) / 500
+    _, residual = fit(delta + noise)
+    assert np.linalg.norm(residual) > 0.5 * np.linalg.norm(noise)

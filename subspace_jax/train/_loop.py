@@ -155,9 +155,9 @@ class TrainConfig:
         """JSON-serialisable fields; the fields added later only when not default.
 
         Leaving ``burn_in_steps``, ``said``, ``lottery_every``, ``theta0_path``,
-        ``on_divergence`` and ``max_retries`` out at their defaults keeps the dict of a plain
-        run (and every hash of it, e.g. the sweep's ``config_key`` in existing ``runs.jsonl``
-        files) what it was before they existed.
+        ``on_divergence``, ``max_retries``, ``augment``, ``classes`` and ``reinit_head`` out at
+        their defaults keeps the dict of a plain run (and every hash of it, e.g. the sweep's
+        ``config_key`` in existing ``runs.jsonl`` files) what it was before they existed.
         """
         d = dataclasses.asdict(self)
         d["seeds"] = list(self.seeds)
