@@ -167,6 +167,9 @@ def _other_value(name, value):
         "lottery_every": 3,
         "on_divergence": "retry",
         "max_retries": 5,
+        "augment": True,
+        "classes": (5, 6, 7),
+        "reinit_head": True,
     }
     return changes[name]
 
