@@ -16,6 +16,9 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+# ProgressPrinter lives in _progress (no JAX import); re-exported for callers of the CLI.
+from subspace_jax._progress import CountBar, ProgressPrinter, _fmt
+
 EXIT_BAD_INPUT = 2
 #: Exit status when the work is done but a result file could not be written where asked
 #: (it went to a fallback file, whose path is printed).
@@ -415,66 +418,77 @@ def _json_writer(obj):
 # ------------------------------------------------------------------------------ progress
 
 
-class ProgressPrinter:
-    """Progress on stderr: a live bar on a terminal, one line per epoch otherwise."""
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    """``--log``: live metric logs (TensorBoard event files, Weights & Biases)."""
+    p.add_argument(
+        "--log",
+        action="append",
+        default=None,
+        metavar="KIND[:WHERE]",
+        help="live logs: tensorboard[:DIR] (default DIR: OUT/tensorboard) and/or "
+        "wandb[:PROJECT] (files in OUT/wandb; WANDB_MODE=offline works without network); "
+        "repeat or comma-separate",
+    )
 
-    def __init__(self, stream=None, quiet: bool = False):
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
-        self._last = 0.0
 
-    def _line(self, text: str) -> None:
-        """One line of progress, clearing the step bar first on a terminal."""
-        if self.tty:
-            self.stream.write("\r" + " " * 70 + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+def _log_base(args, command: str) -> Path:
+    """The folder the logs go in by default: the command's output folder."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if getattr(args, "json", None):
+        return Path(args.json).parent
+    return Path("results") / command
 
-    def __call__(self, event: dict) -> None:
-        if self.quiet:
-            return
-        kind = event.get("event")
-        elapsed = time.perf_counter() - self.t0
-        if kind == "step" and self.tty:
-            now = time.perf_counter()
-            if now - self._last < 0.1 and event["step"] != event["total_steps"]:
-                return
-            self._last = now
-            done, total = event["step"], event["total_steps"]
-            width = 30
-            filled = int(width * done / max(total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r  [{bar}] {done}/{total} steps  {elapsed:6.1f}s")
-            self.stream.flush()
-        elif kind == "epoch":
-            self._line(
-                f"  epoch {event['epoch']:3d}  train loss {_fmt(event['train_loss'])}  "
-                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)"
+
+def _make_logs(args, command: str, config):
+    """The ``--log`` consumers of the progress events, checked before anything trains.
+
+    Returns:
+      A :class:`~subspace_jax._logs.RunLogs`, or None without ``--log``.
+
+    Raises:
+      CLIError: an unknown log, a missing package (naming the pip command) or an unwritable
+        folder.
+    """
+    from subspace_jax import _logs
+
+    try:
+        specs = _logs.parse_log_specs(getattr(args, "log", None))
+        _logs.check_installed(specs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not specs:
+        return None
+    base = _log_base(args, command)
+    backends = []
+    for spec in specs:
+        if spec.kind == "tensorboard":
+            folder = Path(spec.target) if spec.target else base / _logs.TENSORBOARD_SUBDIR
+            check_output_dir("--log tensorboard", str(folder))
+            backends.append(_logs.TensorBoardBackend(folder))
+        else:
+            folder = base  # W&B writes its files in FOLDER/wandb/
+            check_output_dir("--log wandb", str(folder))
+            group = (
+                f"{command}-{config.model}-{config.dataset}-{config.projection}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}"
             )
-        elif kind == "diverged":
-            self._line(
-                f"  seed {event['seed']} diverged at step {event['step']} (learning rate "
-                f"{event['learning_rate']:g}): it stops updating there"
+            backends.append(
+                _logs.WandbBackend(spec.target, group, folder, command, config.to_dict())
             )
-        elif kind == "run_start":
-            self.stream.write(f"d = {event['dim']} seeds {event['seeds']}\n")
-            self.stream.flush()
-        elif kind == "run_end":
-            self.stream.write(
-                f"d = {event['dim']} done: mean val acc {_fmt(event['val_accuracy'])} "
-                f"in {event['wall_time_s']:.1f}s\n"
+        if args.quiet:
+            continue
+        if spec.kind == "tensorboard":
+            print(f"logging to {folder} (watch: tensorboard --logdir {folder})", file=sys.stderr)
+        elif os.environ.get("WANDB_MODE") == "offline":
+            print(
+                f"logging to W&B offline in {folder / 'wandb'} (upload later: "
+                f"wandb sync {folder / 'wandb'}/offline-run-*)",
+                file=sys.stderr,
             )
-            self.stream.flush()
-        elif kind == "message":
-            self.stream.write(event["text"] + "\n")
-            self.stream.flush()
-
-
-def _fmt(value: float | None) -> str:
-    """A mean over seeds: None (every seed diverged) prints as ``n/a``."""
-    return "n/a" if value is None else f"{value:.4f}"
+        else:
+            print(f"logging to W&B (local files in {folder / 'wandb'})", file=sys.stderr)
+    return _logs.RunLogs(backends)
 
 
 # ------------------------------------------------------------------------------ commands
@@ -489,12 +503,15 @@ def cmd_train(args) -> int:
         inputs=[args.theta0],
     )
     config = _subspace_kind_config(args, config_from_args(args))
+    logs = _make_logs(args, "train", config)
     progress = ProgressPrinter(quiet=args.quiet)
+    train_and_evaluate = _logged(train_and_evaluate, progress, logs, config)
     what = f"d = {config.dim} ({config.projection})" if config.dim else "direct"
-    print(
-        f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
-        file=sys.stderr,
-    )
+    if not args.quiet:
+        print(
+            f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
+            file=sys.stderr,
+        )
     written = True
     status = 0
     if args.save_compressed:
@@ -529,6 +546,37 @@ def cmd_train(args) -> int:
     if not written:
         status = status or EXIT_WRITE_FAILED
     return status
+
+
+@contextlib.contextmanager
+def _logging(printer: ProgressPrinter, logs):
+    """The progress callback feeding the printer and the logs; closes both at the end."""
+    from subspace_jax._logs import fan_out
+
+    try:
+        yield fan_out(printer, logs)
+    finally:
+        printer.close()
+        if logs is not None:
+            logs.close()
+
+
+def _logged(train, printer: ProgressPrinter, logs, config):
+    """``train`` (``train_and_evaluate``) whose progress also feeds ``logs``, one logged run
+    (``run_start`` before, ``run_end`` with the result after)."""
+
+    def run(*a, progress=None, **kw):
+        from subspace_jax._logs import run_end_event
+
+        with _logging(printer, logs) as both:
+            if logs is not None:
+                logs({"event": "run_start", "dim": config.dim, "seeds": list(config.seeds)})
+            out = train(*a, progress=both, **kw)
+            if logs is not None:
+                logs(run_end_event(out[0] if isinstance(out, tuple) else out))
+        return out
+
+    return run
 
 
 def _report_divergence(result: dict, *, retry: bool) -> bool:
@@ -591,9 +639,11 @@ def cmd_sweep(args) -> int:
     _check_fraction(args.fraction)
     config = config_from_args(args, dim=0)
     out = Path(args.out)
-    progress = ProgressPrinter(quiet=args.quiet)
+    logs = _make_logs(args, "sweep", config)
+    printer = ProgressPrinter(quiet=args.quiet, total_runs=len(set(dims)) + 1)
     with contextlib.ExitStack() as stack:
         _lock_out(stack, args)
+        progress = stack.enter_context(_logging(printer, logs))
         result = run_sweep(
             config, dims, out, fraction=args.fraction, metric=args.metric, progress=progress
         )
@@ -639,14 +689,17 @@ def cmd_id(args) -> int:
             raise CLIError(f"--baseline must be 'own' or a number, got {args.baseline!r}") from None
     config = config_from_args(args, dim=0)
     out = Path(args.out)
-    progress = ProgressPrinter(quiet=args.quiet)
-    print(
-        f"searching d_int{round(args.fraction * 100)} of {config.model} on {config.dataset} "
-        f"({config.projection} projection, seeds {list(config.seeds)})",
-        file=sys.stderr,
-    )
+    logs = _make_logs(args, "id", config)
+    printer = ProgressPrinter(quiet=args.quiet)
+    if not args.quiet:
+        print(
+            f"searching d_int{round(args.fraction * 100)} of {config.model} on {config.dataset} "
+            f"({config.projection} projection, seeds {list(config.seeds)})",
+            file=sys.stderr,
+        )
     with contextlib.ExitStack() as stack:
         _lock_out(stack, args)
+        progress = stack.enter_context(_logging(printer, logs))
         result = search_intrinsic_dim(
             config,
             out,
@@ -838,6 +891,7 @@ def cmd_bench(args) -> int:
     budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
     overrides = {"width": args.width} if args.width is not None else {}
     done: list[dict] = []
+    bar = CountBar(len(projections) * len(set(dims)), "cells", quiet=args.quiet)
 
     def progress(rec: dict) -> None:
         done.append(rec)
@@ -845,6 +899,7 @@ def cmd_bench(args) -> int:
             _results.write_json(args.json, done)  # partial results survive an interruption
         if args.quiet:
             return
+        bar.clear()
         head = f"{rec['projection']:>20s} d = {rec['dim']:>7d}: "
         if rec.get("skipped"):
             line = f"skipped ({rec['skipped']})"
@@ -859,6 +914,7 @@ def cmd_bench(args) -> int:
             if rec.get("floor_ms") is not None:
                 line += f", floor {rec['floor_ms']:.2f} ms"
         print(head + line, file=sys.stderr, flush=True)
+        bar.advance()
 
     if not args.quiet:
         print(
@@ -884,6 +940,7 @@ def cmd_bench(args) -> int:
         accuracy_steps=args.accuracy_steps,
         model_overrides=overrides,
     )
+    bar.clear()
     written = True
     if args.json:
         written = write_or_fallback(args.json, _json_writer(records))
@@ -940,6 +997,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_divergence_args(p)
     p.add_argument("--out", default=None, help="folder for result.json")
     p.add_argument("--json", default=None, help="write the result JSON to this file")
+    _add_log_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -966,6 +1024,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="val_accuracy (reaches fraction x baseline) or val_loss (<= baseline / fraction)",
     )
     _add_search_outputs(p, "sweep")
+    _add_log_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -1009,6 +1068,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples for bootstrap_ci, kept for comparison beside the 95%% "
         "t-interval (0: none)",
     )
+    _add_log_args(p)
     p.set_defaults(func=cmd_id)
 
     p = sub.add_parser(

@@ -160,8 +160,15 @@ def run_dims(
                         "dim": int(dim),
                         "val_accuracy": result["val_accuracy"],
                         "wall_time_s": result["wall_time_s"],
+                        # For the logs (subspace_jax._logs): the test metrics per seed.
+                        "steps": result["steps"],
+                        "test_accuracy": result["test_accuracy"],
+                        "test_loss": result["test_loss"],
+                        "per_seed": result["per_seed"],
                     }
                 )
+        elif progress is not None:
+            progress({"event": "run_reused", "dim": int(dim), "seeds": [int(s) for s in seeds]})
         records.extend(have[(key, int(dim), int(s))] for s in seeds)
     return records
 

@@ -583,7 +583,10 @@ def _train_seeds(
                     }
                 )
             reported |= raw["diverged_at"] > 0
-            progress({"event": "epoch", **_epoch_record(raw)})
+            # For the logs (subspace_jax._logs): the group's seeds (a retry trains a subset).
+            extra = {"seeds": list(config.seeds), "learning_rate": lr}
+            extra["per_seed_train_accuracy"] = [float(a) for a in raw["train_accuracy"]]
+            progress({"event": "epoch", **extra, **_epoch_record(raw)})
 
     test_loss, test_acc = _evaluate(eval_step, subs, trainables, data.x_test, data.y_test)
     return _Runs(
