@@ -416,8 +416,8 @@ class RunLogs:
 
     def _on_end(self, event: Mapping[str, Any]) -> None:
         """Test metrics from the finished run (``per_seed``, ``test_accuracy``, ...)."""
-        step = int(event.get("steps", self._s_last))
-        for rec in event.get("per_seed", ()):
+        step = int(event.get("steps") or self._s_last)
+        for rec in event.get("per_seed") or ():
             seed = int(rec["seed"])
             who = f"seed={seed}" + (f"/retry={rec['retries']}" if rec.get("retries") else "")
             self._write(

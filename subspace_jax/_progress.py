@@ -113,6 +113,10 @@ class ProgressPrinter:
         self.total_runs = total_runs
         self.runs_done = 0
         self.run_index = 0
+        self.trained = 0  # runs trained (not reused) so far, and their seconds
+        self.trained_s = 0.0
+        self.in_run = False
+        self.run_t0 = self.t0
         self.dim: int | None = None
         self.steps = _Rate(clock)
         self.runs = _Rate(clock)
@@ -136,15 +140,29 @@ class ProgressPrinter:
         self._clear_bar()
         self._write(text + "\n")
 
-    def _run_tag(self) -> str:
+    def _run_tag(self, run_eta: float | None = None) -> str:
+        """``run k/N, sweep ETA m:ss``: the ETA counts the runs left at the mean time of the
+        runs trained so far (reused runs take none), the current one at ``run_eta`` when
+        known."""
         if not self.run_index:
             return ""
         total = f"/{self.total_runs}" if self.total_runs else ""
         tag = f"run {self.run_index}{total}"
-        if self.total_runs and self.runs_done:
+        if self.total_runs:
             left = self.total_runs - self.runs_done
-            per_run = (self.clock() - self.t0) / self.runs_done
-            tag += f", sweep ETA {format_duration(left * per_run)}"
+            if not left:
+                eta = 0.0
+            elif self.trained:
+                per_run = self.trained_s / self.trained
+                if run_eta is not None and self.in_run:
+                    eta = run_eta + (left - 1) * per_run
+                elif self.in_run:
+                    eta = max(left * per_run - (self.clock() - self.run_t0), 0.0)
+                else:
+                    eta = left * per_run
+            else:
+                eta = None
+            tag += f", sweep ETA {format_duration(eta)}"
         return tag
 
     # -- events
@@ -169,10 +187,15 @@ class ProgressPrinter:
             self.run_index = self.runs_done + 1
             self.dim = event["dim"]
             self.steps.reset()
+            self.in_run, self.run_t0 = True, self.clock()
             tag = self._run_tag()
             self._line(f"d = {event['dim']} seeds {event['seeds']}" + (f"  [{tag}]" if tag else ""))
         elif kind == "run_end":
             self.runs_done += 1
+            if self.in_run:
+                self.trained += 1
+                self.trained_s += self.clock() - self.run_t0
+            self.in_run = False
             self._line(
                 f"d = {event['dim']} done: mean val acc {_fmt(event['val_accuracy'])} "
                 f"in {event['wall_time_s']:.1f}s"
@@ -199,7 +222,7 @@ class ProgressPrinter:
             self._last_draw = now
             self._write("\r\033[K" + self.bar_text(event))
             self._bar_shown = True
-        elif now - self._last_plain >= self.every_s and not last:
+        elif now - self._last_plain >= self.every_s and not last and self.steps.rate():
             self._last_plain = now
             self._write(self.plain_step_text(event) + "\n")
 
@@ -214,7 +237,7 @@ class ProgressPrinter:
             f"{head}[{bar}] {done}/{total} steps  {_rate_text(self.steps.rate(), 'steps')}  "
             f"ETA {format_duration(self.steps.eta(total))}"
         )
-        tag = self._run_tag()
+        tag = self._run_tag(self.steps.eta(total))
         return text + (f" | {tag}" if tag else "")
 
     def plain_step_text(self, event: dict) -> str:
@@ -225,7 +248,7 @@ class ProgressPrinter:
             f"{_rate_text(self.steps.rate(), 'steps')}, "
             f"ETA {format_duration(self.steps.eta(total))}"
         )
-        tag = self._run_tag()
+        tag = self._run_tag(self.steps.eta(total))
         return text + (f" [{tag}]" if tag else "")
 
     def close(self) -> None:

@@ -5,6 +5,7 @@ The logs are consumers of the training loop's progress events, so most checks fe
 events directly; the end-to-end ones (marked slow) train and compare with the result JSON.
 """
 
+import importlib.util
 import io
 import json
 import struct
@@ -287,11 +288,19 @@ def test_progress_counts_runs_of_a_sweep_and_reused_runs():
     clock.tick(10)
     printer({"event": "run_end", "dim": 10, "val_accuracy": 0.5, "wall_time_s": 10.0})
     printer({"event": "run_start", "dim": 20, "seeds": [0]})
+    clock.tick(4)
+    printer({"event": "step", "step": 10, "total_steps": 100, "epoch": 0})
+    clock.tick(1)
+    printer({"event": "step", "step": 20, "total_steps": 100, "epoch": 0})
     lines = stream.getvalue().splitlines()
-    assert lines[0] == "d = 0 seeds [0]: reused from runs.jsonl  [run 1/3, sweep ETA 0:00]"
-    assert lines[1].startswith("d = 10 seeds [0]  [run 2/3")
-    # Two runs done in 10 s, one left: about 5 s.
-    assert lines[-1] == "d = 20 seeds [0]  [run 3/3, sweep ETA 0:05]"
+    # Nothing trained yet: no ETA; the reused run took no time.
+    assert lines[0] == "d = 0 seeds [0]: reused from runs.jsonl  [run 1/3, sweep ETA ?]"
+    assert lines[1] == "d = 10 seeds [0]  [run 2/3, sweep ETA ?]"
+    # One run trained in 10 s, one left.
+    assert lines[3] == "d = 20 seeds [0]  [run 3/3, sweep ETA 0:10]"
+    # Then the current run's own ETA (10 steps/s, 80 steps left; the last run).
+    bar = printer.bar_text({"step": 20, "total_steps": 100})
+    assert bar.endswith("10.0 steps/s  ETA 0:08 | run 3/3, sweep ETA 0:08")
 
 
 def test_count_bar_on_terminal_only():
@@ -321,13 +330,20 @@ def test_format_duration():
 
 
 @pytest.mark.slow
-def test_train_tensorboard_events_equal_the_result_history(tmp_path, capsys):
+def test_train_logs_equal_the_result_history(tmp_path, capsys, monkeypatch):
+    # TensorBoard, and W&B offline when installed (the test extra installs both): one training.
     pytest.importorskip("tensorboard")
+    with_wandb = importlib.util.find_spec("wandb") is not None
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.delenv("WANDB_RUN_GROUP", raising=False)
     out = tmp_path / "run"
     args = ["train", *TINY, "--dim", "20", "--seeds", "0,1", "--epochs", "2", "--quiet"]
-    assert cli.main([*args, "--out", str(out), "--log", "tensorboard"]) == 0
+    logs = ["--log", "tensorboard"] + (["--log", "wandb:subspace-test"] if with_wandb else [])
+    assert cli.main([*args, "--out", str(out), *logs]) == 0
     assert capsys.readouterr().err == ""  # --quiet: no progress at all
     res = json.loads((out / "result.json").read_text())
+    if with_wandb:
+        check_wandb_train_runs(out, res)
     root = out / "tensorboard" / "d=20"
     assert sorted(p.name for p in root.iterdir()) == ["mean", "seed=0", "seed=1"]
     steps = [h["steps"] for h in res["history"]]
@@ -447,15 +463,8 @@ def test_wandb_backend_offline_reads_back(tmp_path, monkeypatch):
     ]
 
 
-@pytest.mark.slow
-def test_train_wandb_offline(tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    out = tmp_path / "run"
-    args = ["train", *TINY, "--dim", "20", "--seeds", "0,1", "--epochs", "2", "--quiet"]
-    assert cli.main([*args, "--out", str(out), "--log", "wandb:subspace-test"]) == 0
-    res = json.loads((out / "result.json").read_text())
+def check_wandb_train_runs(out, res):
+    """The offline W&B runs of ``train --dim 20 --seeds 0,1`` hold the result's history."""
     steps = [h["steps"] for h in res["history"]]
     runs, where = wandb_runs(out)
     assert {p for p, _ in where.values()} == {"subspace-test"}

@@ -161,10 +161,10 @@ def run_dims(
                         "val_accuracy": result["val_accuracy"],
                         "wall_time_s": result["wall_time_s"],
                         # For the logs (subspace_jax._logs): the test metrics per seed.
-                        "steps": result["steps"],
-                        "test_accuracy": result["test_accuracy"],
-                        "test_loss": result["test_loss"],
-                        "per_seed": result["per_seed"],
+                        **{
+                            k: result.get(k)
+                            for k in ("steps", "test_accuracy", "test_loss", "per_seed")
+                        },
                     }
                 )
         elif progress is not None:
