@@ -10,11 +10,13 @@ over. The x axis is the training step of the run (``history[i]["steps"]``).
 
 Scalars (``TAGS``), written at each epoch's last step:
 
-* per seed and mean: ``train/loss``, ``val/loss``, ``val/accuracy``, ``train/learning_rate``
-  (and ``train/accuracy`` in the mean, and per seed when the loop reports it);
-* mean only: ``train/accuracy``, ``perf/step_time_ms`` (mean over the epoch's steps, the
-  first, compiling step of the run left out), ``perf/epoch_time_s``, ``perf/peak_memory_mib``
-  (:func:`~subspace_jax.train.peak_memory_bytes`), ``run/dim`` (d; written at step 0 too);
+* per seed and mean: ``train/loss``, ``train/accuracy`` (per seed when the epoch event
+  carries ``per_seed_train_accuracy``), ``val/loss``, ``val/accuracy``,
+  ``train/learning_rate``;
+* mean only: ``perf/step_time_ms`` (wall time per step between the epoch's step events, the
+  first, compiling step of the run and the evaluations left out), ``perf/epoch_time_s``,
+  ``perf/peak_memory_mib`` (:func:`~subspace_jax.train.peak_memory_bytes`), ``run/dim`` (d;
+  written at step 0 too);
 * at the end of the run (``run_end``), per seed and mean: ``test/accuracy``, ``test/loss``.
 
 Neither backend is a dependency of subspace-jax: ``pip install 'subspace-jax[tensorboard]'``
