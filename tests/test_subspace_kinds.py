@@ -153,8 +153,8 @@ def test_said_scales_are_trained(said_finetune):
     _, _, result, trained = said_finetune
     assert (result["dim"], result["said_scales"], result["w_dim"]) == (30, 4, 26)
     t = first(trained.trainables)
-    assert t["w"].shape == (26,)
-    lam = np.asarray(t["said"])
+    assert t.w.shape == (26,)
+    lam = np.asarray(t.scales)
     assert lam.shape == (4,) and np.all(np.isfinite(lam))
     assert np.max(np.abs(lam - 1.0)) > 1e-3  # the scales received gradients and moved
     assert np.isfinite(result["test_accuracy"])
