@@ -265,8 +265,10 @@ def save_subspace(
         raise ValueError("save_subspace saves one model: index a batch of subspaces first")
     others = _merged_others(sub, collections)
     params = _to_params(sub, trainable, others)
-    theta0, regen_notes = _what_rebuilds(sub, key, init_fn, init_key)
-    rebuilt_sub = _rebuild_sub(sub.layout, theta0, key, stored_states=regen_notes["states"])
+    # The layout as the loader will have it: each projection rebuilt from its name and options.
+    layout = layout_from_record(layout_record(sub.layout), sub.theta0, repr(str(path)))
+    theta0, regen_notes = _what_rebuilds(sub, layout, key, init_fn, init_key)
+    rebuilt_sub = _rebuild_sub(layout, theta0, key, stored_states=regen_notes["states"])
     rebuilt_sub = rebuilt_sub.replace(other_collections=others)
     if not trees_equal(_to_params(rebuilt_sub, trainable, others), params):
         raise ValueError(
@@ -300,7 +302,7 @@ def _merged_others(sub: Subspace, collections: Mapping[str, PyTree] | None) -> d
     return others
 
 
-def _what_rebuilds(sub, key, init_fn, init_key) -> tuple[PyTree, dict]:
+def _what_rebuilds(sub, layout: Layout, key, init_fn, init_key) -> tuple[PyTree, dict]:
     """theta0 as the loader will have it, and what must be stored (``notes``, ``states``)."""
     theta0 = sub.theta0
     theta0_ok = False
@@ -312,7 +314,7 @@ def _what_rebuilds(sub, key, init_fn, init_key) -> tuple[PyTree, dict]:
         raise ValueError("give init_fn and init_key together (or neither: theta0 is stored)")
     states_ok = False
     if key is not None:
-        regen = _rebuild_sub(sub.layout, theta0, key)
+        regen = _rebuild_sub(layout, theta0, key)
         states_ok = trees_equal(regen.proj_states, sub.proj_states)
     notes = []
     if not theta0_ok:

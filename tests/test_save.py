@@ -284,3 +284,18 @@ def test_bad_inputs(saved, tmp_path):
     with pytest.raises(FileNotFoundError):
         sj.load_subspace(tmp_path / "none.npz", init_fn)
     json.dumps(header)  # the returned header is plain JSON
+
+
+def test_a_projection_object_its_name_does_not_rebuild_is_refused(tmp_path):
+    dense = sj.get_projection("dense")
+    fake = sj.make_projection(  # named "dense", but twice the registered dense projection
+        "dense",
+        init=dense.init,
+        mv=lambda s, w: 2.0 * dense.apply(s, w),
+        rmv=lambda s, g: 2.0 * dense.transpose(s, g),
+    )
+    sub = sj.init_subspace(jax.random.key(0), {"a": jnp.ones((4, 3))}, 2, projection=fake)
+    t = sj.init_trainable(sub)._replace(w=jnp.ones(2, jnp.float32))
+    with pytest.raises(ValueError, match="would not rebuild this model"):
+        sj.save_subspace(tmp_path / "m.npz", sub, t, key=jax.random.key(0))
+    assert list(tmp_path.iterdir()) == []
