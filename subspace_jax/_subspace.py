@@ -517,7 +517,7 @@ class Trainable(NamedTuple):
       direct: the directly trained leaves (label ``"direct"``, or every leaf when ``dim = 0``),
         in flatten order, each of its leaf's shape; ``()`` when there are none.
       scales: ``(m,)`` float32 SAID scales, one per projected leaf (ones at the start); shape
-        ``(0,)`` unless the layout is SAID.
+        ``(0,)`` unless the layout is SAID. None (``Trainable(w)``) means scales of one.
     """
 
     w: jax.Array
