@@ -129,6 +129,7 @@ def test_batchnorm_model_reloads_in_a_fresh_process_to_identical_predictions(sav
     )
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_reload_in_process_is_bit_identical(saved):
     path, header, sub, t, stats, preds = saved
     sub2, t2, info = sj.load_subspace(path, init_fn)
@@ -140,6 +141,7 @@ def test_reload_in_process_is_bit_identical(saved):
     assert np.asarray(again).tobytes() == np.asarray(preds).tobytes()
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_the_file_format(saved):
     path, header, sub, *_ = saved
     header, arrays, has_digest = read_archive(path)
@@ -161,6 +163,7 @@ def test_the_file_format(saved):
     assert arrays["w"].shape == (20,) and arrays["w"].dtype == np.float32
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_wrong_init_fn_or_template_is_refused(saved):
     path, *_ = saved
     other = lambda k: init_fn(jax.random.fold_in(k, 1))  # noqa: E731
@@ -179,6 +182,7 @@ def test_wrong_init_fn_or_template_is_refused(saved):
         sj.load_subspace(path, lambda k: {**wide.init(k, X[:1]), "batch_stats": {}})
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_damaged_and_altered_files_are_one_error(saved, tmp_path):
     path, *_ = saved
     data = path.read_bytes()
@@ -215,6 +219,7 @@ def test_damaged_and_altered_files_are_one_error(saved, tmp_path):
         assert str(p) in str(err.value), case
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_stored_theta0_and_projection_objects_with_options(tmp_path):
     """No init_fn and no key: theta0 and P are stored; a factory's options are recorded."""
     theta0 = {"a": jnp.linspace(-1, 1, 30, dtype=jnp.bfloat16).reshape(5, 6), "b": jnp.ones(3)}
@@ -269,6 +274,7 @@ def test_unregistered_projection_objects_need_a_name(tmp_path):
         _base._lookup.cache_clear()
 
 
+@pytest.mark.slow  # trains the module's model, or rebuilds fastfood states
 def test_bad_inputs(saved, tmp_path):
     path, header, sub, t, stats, _ = saved
     with pytest.raises(ValueError, match="init_fn and init_key together"):
