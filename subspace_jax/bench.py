@@ -276,8 +276,7 @@ class _Stepper:
         opt = make_optimizer("adam", lr)
 
         def start(sub):
-            # Copies: the trainable state is donated and must not alias theta0.
-            trainable = jax.tree_util.tree_map(jnp.copy, init_trainable(sub))
+            trainable = init_trainable(sub)  # fresh copies: the step donates them
             return trainable, opt.init(trainable)
 
         self.sub = sub
@@ -347,7 +346,7 @@ class _Worker:
         sub = jax.block_until_ready(init(self.k_proj, self.theta0))
         setup_s = time.perf_counter() - t
         check_finite(sub)
-        lr = default_learning_rate(get_projection(name), D, d)
+        lr = default_learning_rate(sub)
         stepper = _Stepper(self.model, sub, lr)
         t = time.perf_counter()
         stepper.run(self.x, self.y, 1)

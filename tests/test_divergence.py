@@ -73,7 +73,7 @@ def test_guarded_step_is_bit_identical_to_the_plain_step_while_finite(data):
     def start():
         keys = jax.random.split(jax.random.key(0), 2)
         subs = jax.vmap(lambda k: sj.init_subspace(k, model.init(k), 30))(keys)
-        ts = jax.tree_util.tree_map(jnp.copy, jax.vmap(sj.init_trainable)(subs))
+        ts = jax.vmap(sj.init_trainable)(subs)
         return subs, ts, jax.vmap(opt.init)(ts)
 
     subs, ta, oa = start()
@@ -84,7 +84,7 @@ def test_guarded_step_is_bit_identical_to_the_plain_step_while_finite(data):
         ta, oa, la, _ = plain(subs, ta, oa, x, y)
         tb, ob, div, lb, _ = guarded(subs, tb, ob, div, x, y)
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    np.testing.assert_array_equal(np.asarray(ta["w"]), np.asarray(tb["w"]))
+    np.testing.assert_array_equal(np.asarray(ta.w), np.asarray(tb.w))
     assert np.asarray(div.at).tolist() == [0, 0]
 
 
@@ -140,10 +140,10 @@ def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(
     # Seed 1 never moved: its trainable is still its start (w = 0, or the blown-up theta0).
     if dim == 0:
         theta0 = jax.tree_util.tree_leaves(trained.subs.theta0)
-        for a, b in zip(trained.trainables["direct"], theta0, strict=True):
+        for a, b in zip(trained.trainables.direct, theta0, strict=True):
             np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
     else:
-        np.testing.assert_array_equal(np.asarray(trained.trainables["w"][1]), 0.0)
+        np.testing.assert_array_equal(np.asarray(trained.trainables.w[1]), 0.0)
     # The means are over the seeds that did not diverge, i.e. seed 0 alone.
     assert result["val_accuracy"] == s0["val_accuracy"]
     assert result["test_accuracy"] == s0["test_accuracy"]
@@ -196,7 +196,7 @@ def test_retries_are_bounded_and_replace_only_the_diverged_seed(data, one_diverg
     assert s1["learning_rate"] == pytest.approx(retried["learning_rate"] / 10)
     assert retried["diverged_seeds"] == [1]
     assert retried["val_accuracy"] == stopped["val_accuracy"]
-    assert trained.trainables["w"].shape[0] == 2
+    assert trained.trainables.w.shape[0] == 2
 
 
 def test_config_validation_and_defaults_keep_the_config_dict():

@@ -180,7 +180,7 @@ def test_batchnorm_cnn_trains_params_in_the_subspace_and_updates_batch_stats():
     coef, *_ = np.linalg.lstsq(M, delta, rcond=None)
     assert np.linalg.norm(delta) > 1e-2
     np.testing.assert_allclose(M @ coef, delta, atol=1e-5)
-    np.testing.assert_allclose(coef, np.asarray(trainable["w"]), atol=1e-4)
+    np.testing.assert_allclose(coef, np.asarray(trainable.w), atol=1e-4)
     # The eval-mode model uses the trained running statistics.
     logits = model.apply(full, x, train=False)
     assert logits.shape == (16, 3) and np.all(np.isfinite(np.asarray(logits)))
@@ -242,16 +242,17 @@ def test_to_params_checks_the_trainable():
     good = sj.to_params(sub, t)
     assert good["params"]["b"].shape == (4,)
     bad = [
-        (
-            {"w": t["w"], "direct": (jnp.zeros(5),)},
-            r"direct leaf 'params/b' must have shape \(4,\)",
-        ),
-        ({"w": t["w"], "direct": (jnp.zeros(4, jnp.int32),)}, "must be floating point"),
-        ({"w": t["w"], "direct": ()}, "tuple of the 1 directly trained leaves"),
-        ({"direct": t["direct"]}, r"keys \['direct', 'w'\]"),
-        ({"w": t["w"], "direct": t["direct"], "extra": 1}, "got keys"),
-        ({"w": jnp.zeros(3, jnp.int32), "direct": t["direct"]}, "w must be floating point"),
-        ({"w": jnp.zeros(4), "direct": t["direct"]}, r"w must have shape \(3,\)"),
+        (t._replace(direct=(jnp.zeros(5),)), r"direct leaf 'params/b' must have shape \(4,\)"),
+        (t._replace(direct=(jnp.zeros(4, jnp.int32),)), "must be floating point"),
+        (t._replace(direct=()), "tuple of the 1 directly trained leaves"),
+        (t._replace(w=jnp.zeros(3, jnp.int32)), "w must be floating point"),
+        (t._replace(w=jnp.zeros(4)), r"w must have shape \(3,\)"),
+        (t._replace(scales=jnp.ones(2)), r"scales \(SAID\) must have shape \(0,\)"),
+        ((t.w, t.direct), "must be a Trainable"),
+        # The dict of earlier versions is still read, and checked the same way.
+        ({"direct": t.direct}, r"got a dict with keys \['direct'\]"),
+        ({"w": t.w, "direct": t.direct, "extra": 1}, "got a dict with keys"),
+        ({"w": t.w, "direct": ()}, "tuple of the 1 directly trained leaves"),
     ]
     for trainable, match in bad:
         with pytest.raises(ValueError, match=match):

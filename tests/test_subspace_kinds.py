@@ -69,18 +69,19 @@ def test_said_dimension_bookkeeping_follows_the_paper():
     assert (lay.num_scales, lay.dim, lay.total_dim) == (NUM_LEAVES, 20 - NUM_LEAVES, 20)
     assert lay.said_leaves == (0, 1, 2, 3)
     t = sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=lay))
-    assert t["w"].shape == (16,)
-    np.testing.assert_array_equal(np.asarray(t["said"]), np.ones(NUM_LEAVES, np.float32))
+    assert t.w.shape == (16,)
+    np.testing.assert_array_equal(np.asarray(t.scales), np.ones(NUM_LEAVES, np.float32))
     per_leaf = sj.make_layout(THETA0, 12, said=True, per_leaf=True)
     assert per_leaf.dim == 8 and per_leaf.total_dim == 12
     assert sum(g.dim for g in per_leaf.groups) == 8
     # Only projected leaves get a scale.
     frozen = sj.make_layout(THETA0, 10, said=True, labels={"params/Dense_1/bias": "frozen"})
     assert frozen.num_scales == 3 and frozen.dim == 7
-    # A plain subspace is unchanged: no scales, no "said" entry.
+    # A plain subspace has the same fields, with no scales.
     plain = sj.make_layout(THETA0, 20)
     assert plain.total_dim == plain.dim == 20
-    assert "said" not in sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=plain))
+    t = sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=plain))
+    assert t.scales.shape == (0,) and t.w.shape == (20,)
     with pytest.raises(ValueError, match=r"SAID needs d > number of projected leaves \(m = 4\)"):
         sj.init_subspace(jax.random.key(1), THETA0, 4, said=True)
     with pytest.raises(ValueError, match="per-leaf SAID needs d >= 2 m = 8"):
@@ -91,8 +92,7 @@ def test_said_dimension_bookkeeping_follows_the_paper():
 
 def test_said_zero_w_gives_theta0_for_any_scales():
     sub = sj.init_subspace(jax.random.key(2), THETA0, 10, said=True)
-    t = sj.init_trainable(sub)
-    t["said"] = jnp.asarray([0.5, -3.0, 7.0, 0.0], jnp.float32)
+    t = sj.init_trainable(sub)._replace(scales=jnp.asarray([0.5, -3.0, 7.0, 0.0], jnp.float32))
     assert bits_equal(jax.jit(sj.to_params)(sub, t), THETA0)
 
 
@@ -101,7 +101,7 @@ def test_said_to_params_and_scale_gradients_against_float64():
     rng = np.random.default_rng(0)
     w = rng.standard_normal(sub.layout.dim).astype(np.float32)
     lam = rng.uniform(0.5, 2.0, NUM_LEAVES).astype(np.float32)
-    t = {"w": jnp.asarray(w), "direct": (), "said": jnp.asarray(lam)}
+    t = sj.Trainable(w=jnp.asarray(w), direct=(), scales=jnp.asarray(lam))
     P = np.asarray(pj.as_matrix(pj.get_projection("dense"), sub.proj_states[0], 8), np.float64)
     delta = P @ w.astype(np.float64)
     flat0, spec = sj.flatten(THETA0)
@@ -122,13 +122,13 @@ def test_said_to_params_and_scale_gradients_against_float64():
         want[leaf.offset : leaf.offset + leaf.size] @ delta[leaf.offset : leaf.offset + leaf.size]
         for leaf in spec.leaves
     ]
-    np.testing.assert_allclose(np.asarray(grads["said"]), g_lam, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads.scales), g_lam, rtol=1e-4)
     scaled = np.concatenate(
         [lam[k] * want[leaf.offset : leaf.offset + leaf.size] for k, leaf in enumerate(spec.leaves)]
     )
-    np.testing.assert_allclose(np.asarray(grads["w"]), P.T @ scaled, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"said must have shape \(4,\)"):
-        sj.to_params(sub, {**t, "said": jnp.ones(3)})
+    np.testing.assert_allclose(np.asarray(grads.w), P.T @ scaled, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"scales \(SAID\) must have shape \(4,\)"):
+        sj.to_params(sub, t._replace(scales=jnp.ones(3)))
 
 
 @pytest.fixture(scope="module")
@@ -153,8 +153,8 @@ def test_said_scales_are_trained(said_finetune):
     _, _, result, trained = said_finetune
     assert (result["dim"], result["said_scales"], result["w_dim"]) == (30, 4, 26)
     t = first(trained.trainables)
-    assert t["w"].shape == (26,)
-    lam = np.asarray(t["said"])
+    assert t.w.shape == (26,)
+    lam = np.asarray(t.scales)
     assert lam.shape == (4,) and np.all(np.isfinite(lam))
     assert np.max(np.abs(lam - 1.0)) > 1e-3  # the scales received gradients and moved
     assert np.isfinite(result["test_accuracy"])

@@ -520,9 +520,7 @@ def _train_seeds(
     else:
         subs = init_runs(config, model, layout, keys)
     check_finite(subs, seeds=config.seeds)
-    trainables = jax.vmap(init_trainable)(subs)
-    # Copy: directly trained leaves are donated to the step and must not alias theta0.
-    trainables = jax.tree_util.tree_map(jnp.copy, trainables)
+    trainables = jax.vmap(init_trainable)(subs)  # fresh copies: the step donates them
     opt_states = jax.vmap(optimizer.init)(trainables)
     divs = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
     jax.block_until_ready((subs, trainables, opt_states, divs))
