@@ -5,6 +5,7 @@ through a fixed random projection P; optax updates only ``w``.
 """
 
 from subspace_jax import projections
+from subspace_jax._errors import UserError
 from subspace_jax._subspace import (
     Group,
     Layout,
@@ -38,6 +39,7 @@ __all__ = [
     "NonFiniteStateError",
     "Projection",
     "Subspace",
+    "UserError",
     "allocate_dims",
     "check_finite",
     "flatten",

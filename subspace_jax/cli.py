@@ -1,7 +1,9 @@
 """The ``subspace-jax`` command line: thin parsing around the library's entry points.
 
-Every command turns bad input into a one-line ``error: ...`` and exit status 2 (never a
-traceback), prints progress to stderr, and writes its results to files as it goes.
+Every command turns bad input (a :class:`~subspace_jax.UserError`) into a one-line
+``error: ...`` and exit status 2, prints progress to stderr, and writes its results to files as
+it goes. Any other exception is a bug: its traceback is kept, with a line asking to report it
+(exit status ``EXIT_INTERNAL_ERROR``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,12 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+from subspace_jax._errors import UserError
 
 EXIT_BAD_INPUT = 2
 #: Exit status when the work is done but a result file could not be written where asked
@@ -28,10 +33,17 @@ MAX_BOOTSTRAP = 1_000_000
 MAX_SEED = 2**32 - 1  # subspace_jax.train.MAX_SEED, repeated so parsing does not import JAX
 #: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
 EXIT_DIVERGED = 3
+#: An unexpected exception (a bug): its traceback is printed with ``REPORT_BUG`` (sysexits'
+#: EX_SOFTWARE).
+EXIT_INTERNAL_ERROR = 70
+REPORT_BUG = (
+    "this is a bug in subspace-jax, not a problem with your input: please report it on the "
+    "project's issue tracker with the command line and the traceback above"
+)
 
 
-class CLIError(ValueError):
-    """A problem with the user's input, reported without a traceback."""
+class CLIError(UserError):
+    """A bad flag or flag combination, found by the command line itself."""
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -233,7 +245,7 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
     """Build a validated :class:`TrainConfig` from parsed arguments."""
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.train import TrainConfig, validate_config
+    from subspace_jax.train import TrainConfig, check_config
 
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
@@ -269,7 +281,7 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         on_divergence=getattr(args, "on_divergence", "stop"),
         max_retries=getattr(args, "max_retries", 2),
     )
-    validate_config(config)
+    check_config(config)
     return config
 
 
@@ -481,7 +493,7 @@ def _fmt(value: float | None) -> str:
 
 
 def cmd_train(args) -> int:
-    from subspace_jax.train import train_and_evaluate
+    from subspace_jax.train import check_config, load_data, train_and_evaluate
 
     check_outputs(
         {"--json": args.json, "--save-compressed": args.save_compressed},
@@ -489,6 +501,8 @@ def cmd_train(args) -> int:
         inputs=[args.theta0],
     )
     config = _subspace_kind_config(args, config_from_args(args))
+    data = load_data(config)
+    check_config(config, data)  # a batch larger than the training split, no validation split
     progress = ProgressPrinter(quiet=args.quiet)
     what = f"d = {config.dim} ({config.projection})" if config.dim else "direct"
     print(
@@ -498,7 +512,7 @@ def cmd_train(args) -> int:
     written = True
     status = 0
     if args.save_compressed:
-        result, trained = train_and_evaluate(config, progress=progress, return_state=True)
+        result, trained = train_and_evaluate(config, data, progress=progress, return_state=True)
         saved = result["per_seed"][0]
         if saved["diverged"]:
             print(
@@ -512,7 +526,7 @@ def cmd_train(args) -> int:
                 args.save_compressed, lambda path: _save_compressed(path, result, trained)
             )
     else:
-        result = train_and_evaluate(config, progress=progress)
+        result = train_and_evaluate(config, data, progress=progress)
     if args.out:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
@@ -736,7 +750,7 @@ def _subspace_kind_config(args, config):
     """Apply the subspace-kind flags of ``train`` to a validated config."""
     import dataclasses
 
-    from subspace_jax.train import LOTTERY, validate_config
+    from subspace_jax.train import LOTTERY, check_config
 
     changes = {
         "burn_in_steps": args.burn_in_steps,
@@ -752,7 +766,7 @@ def _subspace_kind_config(args, config):
             raise CLIError(f"--theta0 {args.theta0!r} is not a file")
         changes["theta0_path"] = args.theta0
     config = dataclasses.replace(config, **changes)
-    validate_config(config)
+    check_config(config)
     if args.save_compressed and not config.dim:
         raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
     return config
@@ -1081,25 +1095,46 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-            raise
-        print(
-            f"error: out of memory ({str(e).splitlines()[0][:200]}): try a smaller --dim, "
-            "fewer --seeds or a matrix-free --projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
-    except MemoryError:
-        print(
-            "error: out of memory: try a smaller --dim, fewer --seeds or a matrix-free "
-            "--projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
+    except Exception as e:
+        if is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if _is_out_of_memory(e):
+            print(
+                f"error: out of memory ({_first_line(e)}): try a smaller --dim, fewer --seeds "
+                "or a matrix-free --projection (fastfood, dense_hash)",
+                file=sys.stderr,
+            )
+            return 1
+        traceback.print_exc()
+        print(f"internal error: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is bad input (one ``error:`` line, exit 2) rather than a bug.
+
+    Bad input is a :class:`~subspace_jax.UserError` (``CLIError`` and ``DataError`` among
+    them), a :class:`~subspace_jax.compress.CompressedModelError` (a damaged model file), or a
+    missing, misplaced or unreadable file or folder the user named.
+    """
+    if isinstance(e, (UserError, FileNotFoundError, NotADirectoryError, PermissionError)):
+        return True
+    compress = sys.modules.get("subspace_jax.compress")  # not imported: not raised either
+    return compress is not None and isinstance(e, compress.CompressedModelError)
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and (
+        "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -56,8 +56,8 @@ class BadRunTrainer(FakeTrainer):
 @pytest.fixture
 def no_data(monkeypatch):
     """Training is faked: nothing needs the dataset."""
-    monkeypatch.setattr(_search, "load_data", lambda base: object())
-    monkeypatch.setattr(_sweep, "load_data", lambda base: object())
+    monkeypatch.setattr(_search, "load_checked_data", lambda base: object())
+    monkeypatch.setattr(_sweep, "load_checked_data", lambda base: object())
 
 
 # ------------------------------------------------------------------------------ 1. non-finite

@@ -22,6 +22,7 @@ from subspace_jax._lock import FolderLocked, lock_folder
 from subspace_jax.data import DataError, data_fingerprint, load_cifar10, load_dataset, load_idx
 from subspace_jax.intrinsic_dim import _sweep, config_key
 from subspace_jax.train import TrainConfig
+from subspace_jax.train._reuse import NOT_IN_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quiet", "--epochs", "1", "--max-steps", "3", "--model", "mlp_small", "--width", "8"]
@@ -177,7 +178,7 @@ def test_config_key_holds_every_config_field_and_the_data(tmp_path):
     assert config_key(base, data="b") != key  # other data
     assert config_key(dataclasses.replace(base, data_dir="/elsewhere"), data="a") == key
     assert config_key(dataclasses.replace(base, seeds=(3,), dim=9), data="a") == key
-    skipped = {"seeds", "dim", "data_dir", "theta0_path"}
+    skipped = {*NOT_IN_KEY, "theta0_path"}  # theta0_path: by its contents, below
     for field in dataclasses.fields(TrainConfig):
         if field.name in skipped:
             continue

