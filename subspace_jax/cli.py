@@ -812,17 +812,59 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from subspace_jax import _results
     from subspace_jax.bench import plot_benchmark, run_benchmark
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.projections import get_projection
 
     check_outputs({"--json": args.json, "--png": args.png})
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
     if args.dataset not in DATASETS:
         raise CLIError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    dims, projections, caps = _bench_grid(args)
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    if not args.quiet:
+        print(
+            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
+            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
+            file=sys.stderr,
+        )
+    records = run_benchmark(
+        args.model,
+        args.dataset,
+        dims,
+        projections,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        memory_budget_bytes=budget,
+        progress=_BenchProgress(args.json, args.quiet),
+        warmup=args.warmup,
+        isolate=args.isolate,
+        max_cell_seconds=args.max_cell_seconds or None,
+        dim_caps=caps,
+        accuracy_steps=args.accuracy_steps,
+        model_overrides={"width": args.width} if args.width is not None else {},
+    )
+    written = True
+    if args.json:
+        written = write_or_fallback(args.json, _json_writer(records))
+    if args.png:
+        for path in plot_benchmark(records, args.png):
+            print(f"plot: {path}", file=sys.stderr)
+    ran = [r for r in records if not r.get("skipped")]
+    print(
+        f"{len(ran)} of {len(records)} cells measured"
+        + (f"; results: {args.json}" if args.json else "")
+    )
+    return 0 if written else EXIT_WRITE_FAILED
+
+
+def _bench_grid(args) -> tuple[list[int | str], list[str], dict[str, int]]:
+    """``--dims`` (integers or ``full``), ``--projections`` and ``--dim-caps`` of ``bench``."""
+    from subspace_jax.projections import get_projection
+
     dims: list[int | str] = []
     for part in args.dims.split(","):
         part = part.strip().lower()
@@ -849,15 +891,23 @@ def cmd_bench(args) -> int:
                 ) from None
             if int(cap) < 1:
                 raise CLIError(f"--dim-caps {args.dim_caps!r}: a cap must be >= 1, got {cap}")
-    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    overrides = {"width": args.width} if args.width is not None else {}
-    done: list[dict] = []
+    return dims, projections, caps
 
-    def progress(rec: dict) -> None:
-        done.append(rec)
-        if args.json:
-            _results.write_json(args.json, done)  # partial results survive an interruption
-        if args.quiet:
+
+class _BenchProgress:
+    """Each finished ``bench`` record: the partial ``--json`` rewritten (it survives an
+    interruption) and, unless quiet, one line on stderr."""
+
+    def __init__(self, json_path: str | None, quiet: bool):
+        self.json_path, self.quiet, self.done = json_path, quiet, []
+
+    def __call__(self, rec: dict) -> None:
+        from subspace_jax import _results
+
+        self.done.append(rec)
+        if self.json_path:
+            _results.write_json(self.json_path, self.done)
+        if self.quiet:
             return
         head = f"{rec['projection']:>20s} d = {rec['dim']:>7d}: "
         if rec.get("skipped"):
@@ -873,43 +923,6 @@ def cmd_bench(args) -> int:
             if rec.get("floor_ms") is not None:
                 line += f", floor {rec['floor_ms']:.2f} ms"
         print(head + line, file=sys.stderr, flush=True)
-
-    if not args.quiet:
-        print(
-            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
-            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
-            file=sys.stderr,
-        )
-    records = run_benchmark(
-        args.model,
-        args.dataset,
-        dims,
-        projections,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        memory_budget_bytes=budget,
-        progress=progress,
-        warmup=args.warmup,
-        isolate=args.isolate,
-        max_cell_seconds=args.max_cell_seconds or None,
-        dim_caps=caps,
-        accuracy_steps=args.accuracy_steps,
-        model_overrides=overrides,
-    )
-    written = True
-    if args.json:
-        written = write_or_fallback(args.json, _json_writer(records))
-    if args.png:
-        for path in plot_benchmark(records, args.png):
-            print(f"plot: {path}", file=sys.stderr)
-    ran = [r for r in records if not r.get("skipped")]
-    print(
-        f"{len(ran)} of {len(records)} cells measured"
-        + (f"; results: {args.json}" if args.json else "")
-    )
-    return 0 if written else EXIT_WRITE_FAILED
 
 
 def cmd_projections(args) -> int:

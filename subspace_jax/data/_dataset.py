@@ -134,15 +134,28 @@ def load_dataset(
       ``num_classes == 10``.
 
     Raises:
-      ValueError: unknown ``name`` / ``source``, unsupported ``image_size`` or bad
+      UserError: unknown ``name`` / ``source``, unsupported ``image_size`` or bad
         ``val_size``.
-      DataError: files missing or corrupt, or no source available.
+      DataError: files missing or corrupt, or no source available (a ``UserError``).
 
     Example:
       >>> ds = load_dataset("digits")
       >>> ds.x_train.shape, ds.x_val.shape, ds.x_test.shape
       ((3500, 28, 28, 1), (500, 28, 28, 1), (1000, 28, 28, 1))
     """
+    _check_args(name, source, image_size, normalize)
+    val_size = _DEFAULT_VAL[name] if val_size is None else val_size
+    raw = _load_raw(name, data_dir, source)
+    x_train, x_test = raw.x_train, raw.x_test
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
+    x_train, y_train, x_val, y_val = split_validation(x_train, raw.y_train, val_size, seed=seed)
+    return _standardized(raw, name, (x_train, y_train), (x_val, y_val), x_test, normalize)
+
+
+def _check_args(name: str, source: str, image_size: int | None, normalize: bool) -> None:
+    """Reject an unknown ``name`` or ``source``, an unsupported ``image_size``."""
     if name not in DATASETS:
         raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
     if source not in SOURCES:
@@ -154,15 +167,12 @@ def load_dataset(
         )
     if not isinstance(normalize, bool):
         raise UserError(f"normalize must be a bool, got {normalize!r}")
-    val_size = _DEFAULT_VAL[name] if val_size is None else val_size
 
-    raw = _load_raw(name, data_dir, source)
-    x_train, x_test = raw.x_train, raw.x_test
-    if x_train.ndim == 3:
-        x_train, x_test = x_train[..., None], x_test[..., None]
-    x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
-    x_train, y_train, x_val, y_val = split_validation(x_train, raw.y_train, val_size, seed=seed)
 
+def _standardized(raw: RawData, name: str, train, val, x_test, normalize: bool) -> Dataset:
+    """The :class:`Dataset` of uint8 NHWC splits, standardised with the training split's
+    per-channel mean / std (or only scaled to ``[0, 1]``), with its fingerprint."""
+    (x_train, y_train), (x_val, y_val) = train, val
     channels = x_train.shape[-1]
     if normalize:
         mean, std = channel_stats(x_train)

@@ -664,11 +664,7 @@ def search_intrinsic_dim(
     out_dir = Path(out_dir)
     seeds = [int(s) for s in base.seeds]
     base = dataclasses.replace(base, dim=0)
-
-    def say(text: str) -> None:
-        if progress is not None:
-            progress({"event": "message", "text": text})
-
+    say = _messages(progress)
     trainer = _Trainer(base, out_dir, seeds, metric, which, evaluate, data, progress)
     base_values, base_mean, num_params, baseline_text = _baseline(
         baseline, trainer, seeds, metric, which
@@ -680,46 +676,32 @@ def search_intrinsic_dim(
     )
     if num_params is None:  # a fixed baseline: D from the first subspace run
         num_params = trainer.num_params(d_start if d_max is None else min(d_start, d_max))
-    spec = SearchSpec(
-        fraction=fraction,
-        metric=metric,
-        baseline=base_values,
-        d_max=num_params if d_max is None else min(d_max, num_params),
-        precision=precision,
-        d_start=d_start,
-        d_min=d_min,
-        ci_extend=ci_extend,
-    )
-
-    def on_step(p: dict) -> None:
-        say(
-            f"d = {p['dim']}: mean {metric} {p['mean']:.4f} "
-            f"{'reaches' if p['reached'] else 'misses'} the target"
-        )
-
-    record = run_search(trainer, spec, on_step=on_step)
-    summary = summarise(record, spec)
+    d_max = num_params if d_max is None else min(d_max, num_params)
+    spec = SearchSpec(fraction, metric, base_values, d_max, precision, d_start, d_min, ci_extend)
+    record = run_search(trainer, spec, on_step=lambda p: say(_step_text(p, metric)))
     non_finite = [r for r in trainer.non_finite() if r["dim"] > 0]
-    result = _result(
-        base,
-        spec,
-        record,
-        summary,
-        trainer,
-        non_finite,
-        dict(
-            baseline=baseline,
-            base_mean=base_mean,
-            baseline_text=baseline_text,
-            seeds=seeds,
-            which=which,
-            n_bootstrap=n_bootstrap,
-            bootstrap_seed=bootstrap_seed,
-        ),
-    )
+    opts = dict(baseline=baseline, base_mean=base_mean, baseline_text=baseline_text, seeds=seeds)
+    opts.update(which=which, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
+    result = _result(base, spec, record, summarise(record, spec), trainer, non_finite, opts)
     if write:
         write_search(out_dir, result, base)
     return result
+
+
+def _messages(progress: Progress | None) -> Callable[[str], None]:
+    """``say(text)``: a ``{"event": "message"}`` to ``progress`` (nothing when None)."""
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress({"event": "message", "text": text})
+
+    return say
+
+
+def _step_text(p: dict, metric: str) -> str:
+    """One search step as a progress line."""
+    verdict = "reaches" if p["reached"] else "misses"
+    return f"d = {p['dim']}: mean {metric} {p['mean']:.4f} {verdict} the target"
 
 
 def bootstrap_interval(record: Evaluations, spec: SearchSpec, n_bootstrap: int, seed: int):

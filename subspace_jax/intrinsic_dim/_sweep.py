@@ -226,7 +226,6 @@ def summarize_sweep(
         float(np.mean([metric_value(r, metric, "final") for r in records if int(r["dim"]) == d]))
         for d in dims
     ]
-    target = target_value(baseline, fraction, metric)
     notes = []
     if np.isfinite(baseline):
         mean_margins = margins(means, baseline, fraction, metric)
@@ -241,6 +240,25 @@ def summarize_sweep(
         for r in [*baseline_records, *records]
         if not np.isfinite(metric_value(r, metric, "final"))
     ]
+    notes += _sweep_notes(dims, est, odd, bad)
+    return {
+        "baseline_accuracy": baseline,
+        "threshold": target_value(baseline, fraction, metric),
+        "fraction": fraction,
+        "metric": metric,
+        "dims": dims,
+        "mean_accuracy": means,
+        **est,
+        "non_monotone": bool(odd),
+        "non_finite_runs": bad,
+        "notes": notes,
+        "definition": sweep_definition(fraction, metric),
+    }
+
+
+def _sweep_notes(dims: list[int], est: dict, odd: list[int], bad: list[dict]) -> list[str]:
+    """The notes of a sweep: non-finite runs, a censored estimate, a non-monotone curve."""
+    notes = []
     if bad:
         notes.append(
             "non-finite or diverged runs (never reach the threshold, never interpolated): "
@@ -270,19 +288,7 @@ def summarize_sweep(
             f"the mean curve is not monotone: it reaches the threshold at d = "
             f"{', '.join(map(str, odd))} but misses it at a larger d; d_int is the first crossing"
         )
-    return {
-        "baseline_accuracy": baseline,
-        "threshold": target,
-        "fraction": fraction,
-        "metric": metric,
-        "dims": dims,
-        "mean_accuracy": means,
-        **est,
-        "non_monotone": bool(odd),
-        "non_finite_runs": bad,
-        "notes": notes,
-        "definition": sweep_definition(fraction, metric),
-    }
+    return notes
 
 
 def check_sweep_baseline(baseline_runs: Sequence[dict], metric: str) -> None:
