@@ -258,6 +258,7 @@ class CountingTrainer:
         }
 
 
+@pytest.mark.slow
 def test_sweep_retrains_on_other_data_and_reuses_the_same_data_elsewhere(
     tmp_path, monkeypatch, capsys
 ):
@@ -326,6 +327,7 @@ def _load_runner():
     return module
 
 
+@pytest.mark.slow
 def test_experiment_runner_retrains_a_train_run_whose_config_or_data_changed(tmp_path):
     run = _load_runner()
     out = tmp_path / "r.json"
@@ -379,6 +381,7 @@ def test_lock_waits_for_the_holder_with_wait(tmp_path):
     assert len(messages) == 1 and "waiting for process" in messages[0]
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     out = tmp_path / "out"
     code = (
