@@ -90,6 +90,7 @@ def test_per_leaf_allocation_and_explicit_dims():
         sj.init_subspace(jax.random.key(0), THETA0, dims={"nope": 3})
 
 
+@pytest.mark.slow
 def test_per_leaf_to_params_is_blockwise():
     sub = sj.init_subspace(jax.random.key(4), THETA0, 12, per_leaf=True, projection="dense")
     w = jnp.asarray(np.random.default_rng(1).standard_normal(12), jnp.float32)
