@@ -6,6 +6,7 @@ through a fixed random projection P; optax updates only ``w``.
 
 from subspace_jax import projections
 from subspace_jax._archive import CompressedModelError
+from subspace_jax._errors import UserError
 from subspace_jax._save import load_subspace, save_subspace
 from subspace_jax._subspace import (
     Group,
@@ -45,6 +46,7 @@ __all__ = [
     "Projection",
     "Subspace",
     "Trainable",
+    "UserError",
     "allocate_dims",
     "as_trainable",
     "check_finite",

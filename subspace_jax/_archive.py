@@ -24,6 +24,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from subspace_jax._errors import UserError
 from subspace_jax._results import atomic_write
 
 PyTree = Any
@@ -47,7 +48,7 @@ _PROBE_BLOCK = 1 << 20
 PROBE_TOLERANCE = 5e-3
 
 
-class CompressedModelError(ValueError):
+class CompressedModelError(UserError):
     """A saved subspace model that cannot be trusted: empty, truncated, unreadable, altered
     after saving, incomplete or holding non-finite numbers. The message names the file."""
 

@@ -1,7 +1,9 @@
 """The ``subspace-jax`` command line: thin parsing around the library's entry points.
 
-Every command turns bad input into a one-line ``error: ...`` and exit status 2 (never a
-traceback), prints progress to stderr, and writes its results to files as it goes.
+Every command turns bad input (a :class:`~subspace_jax.UserError`) into a one-line
+``error: ...`` and exit status 2, prints progress to stderr, and writes its results to files as
+it goes. Any other exception is a bug: its traceback is kept, with a line asking to report it
+(exit status ``EXIT_INTERNAL_ERROR``).
 """
 
 from __future__ import annotations
@@ -12,11 +14,13 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
 # ProgressPrinter lives in _progress (no JAX import); re-exported for callers of the CLI.
+from subspace_jax._errors import UserError
 from subspace_jax._progress import CountBar, ProgressPrinter, _fmt
 
 EXIT_BAD_INPUT = 2
@@ -31,10 +35,17 @@ MAX_BOOTSTRAP = 1_000_000
 MAX_SEED = 2**32 - 1  # subspace_jax.train.MAX_SEED, repeated so parsing does not import JAX
 #: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
 EXIT_DIVERGED = 3
+#: An unexpected exception (a bug): its traceback is printed with ``REPORT_BUG`` (sysexits'
+#: EX_SOFTWARE).
+EXIT_INTERNAL_ERROR = 70
+REPORT_BUG = (
+    "this is a bug in subspace-jax, not a problem with your input: please report it on the "
+    "project's issue tracker with the command line and the traceback above"
+)
 
 
-class CLIError(ValueError):
-    """A problem with the user's input, reported without a traceback."""
+class CLIError(UserError):
+    """A bad flag or flag combination, found by the command line itself."""
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -236,7 +247,7 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
     """Build a validated :class:`TrainConfig` from parsed arguments."""
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.train import TrainConfig, validate_config
+    from subspace_jax.train import TrainConfig, check_config
 
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
@@ -272,7 +283,7 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         on_divergence=getattr(args, "on_divergence", "stop"),
         max_retries=getattr(args, "max_retries", 2),
     )
-    validate_config(config)
+    check_config(config)
     return config
 
 
@@ -495,7 +506,7 @@ def _make_logs(args, command: str, config):
 
 
 def cmd_train(args) -> int:
-    from subspace_jax.train import train_and_evaluate
+    from subspace_jax.train import check_config, load_data, train_and_evaluate
 
     check_outputs(
         {"--json": args.json, "--save-compressed": args.save_compressed},
@@ -503,6 +514,8 @@ def cmd_train(args) -> int:
         inputs=[args.theta0],
     )
     config = _subspace_kind_config(args, config_from_args(args))
+    data = load_data(config)
+    check_config(config, data)  # a batch larger than the training split, no validation split
     logs = _make_logs(args, "train", config)
     progress = ProgressPrinter(quiet=args.quiet)
     train_and_evaluate = _logged(train_and_evaluate, progress, logs, config)
@@ -515,7 +528,7 @@ def cmd_train(args) -> int:
     written = True
     status = 0
     if args.save_compressed:
-        result, trained = train_and_evaluate(config, progress=progress, return_state=True)
+        result, trained = train_and_evaluate(config, data, progress=progress, return_state=True)
         saved = result["per_seed"][0]
         if saved["diverged"]:
             print(
@@ -529,7 +542,7 @@ def cmd_train(args) -> int:
                 args.save_compressed, lambda path: _save_compressed(path, result, trained)
             )
     else:
-        result = train_and_evaluate(config, progress=progress)
+        result = train_and_evaluate(config, data, progress=progress)
     if args.out:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
@@ -789,7 +802,7 @@ def _subspace_kind_config(args, config):
     """Apply the subspace-kind flags of ``train`` to a validated config."""
     import dataclasses
 
-    from subspace_jax.train import LOTTERY, validate_config
+    from subspace_jax.train import LOTTERY, check_config
 
     changes = {
         "burn_in_steps": args.burn_in_steps,
@@ -805,7 +818,7 @@ def _subspace_kind_config(args, config):
             raise CLIError(f"--theta0 {args.theta0!r} is not a file")
         changes["theta0_path"] = args.theta0
     config = dataclasses.replace(config, **changes)
-    validate_config(config)
+    check_config(config)
     if args.save_compressed and not config.dim:
         raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
     return config
@@ -851,17 +864,61 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from subspace_jax import _results
     from subspace_jax.bench import plot_benchmark, run_benchmark
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.projections import get_projection
 
     check_outputs({"--json": args.json, "--png": args.png})
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
     if args.dataset not in DATASETS:
         raise CLIError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    dims, projections, caps = _bench_grid(args)
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    bar = CountBar(len(projections) * len(set(dims)), "cells", quiet=args.quiet)
+    if not args.quiet:
+        print(
+            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
+            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
+            file=sys.stderr,
+        )
+    records = run_benchmark(
+        args.model,
+        args.dataset,
+        dims,
+        projections,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        memory_budget_bytes=budget,
+        progress=_BenchProgress(args.json, args.quiet, bar),
+        warmup=args.warmup,
+        isolate=args.isolate,
+        max_cell_seconds=args.max_cell_seconds or None,
+        dim_caps=caps,
+        accuracy_steps=args.accuracy_steps,
+        model_overrides={"width": args.width} if args.width is not None else {},
+    )
+    bar.clear()
+    written = True
+    if args.json:
+        written = write_or_fallback(args.json, _json_writer(records))
+    if args.png:
+        for path in plot_benchmark(records, args.png):
+            print(f"plot: {path}", file=sys.stderr)
+    ran = [r for r in records if not r.get("skipped")]
+    print(
+        f"{len(ran)} of {len(records)} cells measured"
+        + (f"; results: {args.json}" if args.json else "")
+    )
+    return 0 if written else EXIT_WRITE_FAILED
+
+
+def _bench_grid(args) -> tuple[list[int | str], list[str], dict[str, int]]:
+    """``--dims`` (integers or ``full``), ``--projections`` and ``--dim-caps`` of ``bench``."""
+    from subspace_jax.projections import get_projection
+
     dims: list[int | str] = []
     for part in args.dims.split(","):
         part = part.strip().lower()
@@ -888,18 +945,25 @@ def cmd_bench(args) -> int:
                 ) from None
             if int(cap) < 1:
                 raise CLIError(f"--dim-caps {args.dim_caps!r}: a cap must be >= 1, got {cap}")
-    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    overrides = {"width": args.width} if args.width is not None else {}
-    done: list[dict] = []
-    bar = CountBar(len(projections) * len(set(dims)), "cells", quiet=args.quiet)
+    return dims, projections, caps
 
-    def progress(rec: dict) -> None:
-        done.append(rec)
-        if args.json:
-            _results.write_json(args.json, done)  # partial results survive an interruption
-        if args.quiet:
+
+class _BenchProgress:
+    """Each finished ``bench`` record: the partial ``--json`` rewritten (it survives an
+    interruption) and, unless quiet, one line on stderr."""
+
+    def __init__(self, json_path: str | None, quiet: bool, bar: CountBar):
+        self.json_path, self.quiet, self.done, self.bar = json_path, quiet, [], bar
+
+    def __call__(self, rec: dict) -> None:
+        from subspace_jax import _results
+
+        self.done.append(rec)
+        if self.json_path:
+            _results.write_json(self.json_path, self.done)
+        if self.quiet:
             return
-        bar.clear()
+        self.bar.clear()
         head = f"{rec['projection']:>20s} d = {rec['dim']:>7d}: "
         if rec.get("skipped"):
             line = f"skipped ({rec['skipped']})"
@@ -914,45 +978,7 @@ def cmd_bench(args) -> int:
             if rec.get("floor_ms") is not None:
                 line += f", floor {rec['floor_ms']:.2f} ms"
         print(head + line, file=sys.stderr, flush=True)
-        bar.advance()
-
-    if not args.quiet:
-        print(
-            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
-            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
-            file=sys.stderr,
-        )
-    records = run_benchmark(
-        args.model,
-        args.dataset,
-        dims,
-        projections,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        memory_budget_bytes=budget,
-        progress=progress,
-        warmup=args.warmup,
-        isolate=args.isolate,
-        max_cell_seconds=args.max_cell_seconds or None,
-        dim_caps=caps,
-        accuracy_steps=args.accuracy_steps,
-        model_overrides=overrides,
-    )
-    bar.clear()
-    written = True
-    if args.json:
-        written = write_or_fallback(args.json, _json_writer(records))
-    if args.png:
-        for path in plot_benchmark(records, args.png):
-            print(f"plot: {path}", file=sys.stderr)
-    ran = [r for r in records if not r.get("skipped")]
-    print(
-        f"{len(ran)} of {len(records)} cells measured"
-        + (f"; results: {args.json}" if args.json else "")
-    )
-    return 0 if written else EXIT_WRITE_FAILED
+        self.bar.advance()
 
 
 def cmd_projections(args) -> int:
@@ -1141,25 +1167,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-            raise
-        print(
-            f"error: out of memory ({str(e).splitlines()[0][:200]}): try a smaller --dim, "
-            "fewer --seeds or a matrix-free --projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
-    except MemoryError:
-        print(
-            "error: out of memory: try a smaller --dim, fewer --seeds or a matrix-free "
-            "--projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
+    except Exception as e:
+        if is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if _is_out_of_memory(e):
+            print(
+                f"error: out of memory ({_first_line(e)}): try a smaller --dim, fewer --seeds "
+                "or a matrix-free --projection (fastfood, dense_hash)",
+                file=sys.stderr,
+            )
+            return 1
+        traceback.print_exc()
+        print(f"internal error: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is bad input (one ``error:`` line, exit 2) rather than a bug.
+
+    Bad input is a :class:`~subspace_jax.UserError` (``CLIError``, ``DataError`` and
+    ``CompressedModelError``, a damaged model file, among them) or a missing, misplaced or
+    unreadable file or folder the user named.
+    """
+    return isinstance(e, (UserError, FileNotFoundError, NotADirectoryError, PermissionError))
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and (
+        "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

@@ -38,6 +38,7 @@ def _gaussian_init(key, D, d):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_projection_object_reaches_factory_options():
     per_block = fastfood(shared_signs=False)
     sub = sj.init_subspace(jax.random.key(0), THETA0, 3, projection=per_block)
@@ -69,6 +70,7 @@ def test_register_twice_needs_overwrite(scratch_names):
         sj.register("test_ff_blocks", 3, overwrite=True)
 
 
+@pytest.mark.slow
 def test_minimal_custom_projection_trains_and_differentiates(scratch_names):
     mine = sj.make_projection(
         "test_mine", init=_gaussian_init, mv=lambda M, w: M @ w, rmv=lambda M, g: g @ M
@@ -186,6 +188,7 @@ def test_batchnorm_cnn_trains_params_in_the_subspace_and_updates_batch_stats():
     assert logits.shape == (16, 3) and np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow
 def test_collections_options_and_errors():
     variables = {"params": THETA0["params"], "batch_stats": {"m": jnp.zeros(4)}}
     everything = sj.init_subspace(jax.random.key(0), variables, 3, collections=None)
@@ -276,6 +279,7 @@ def test_non_array_leaves_say_how_to_partition(leaf):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nnx_split_state():
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))

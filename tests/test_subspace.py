@@ -90,6 +90,7 @@ def test_per_leaf_allocation_and_explicit_dims():
         sj.init_subspace(jax.random.key(0), THETA0, dims={"nope": 3})
 
 
+@pytest.mark.slow
 def test_per_leaf_to_params_is_blockwise():
     sub = sj.init_subspace(jax.random.key(4), THETA0, 12, per_leaf=True, projection="dense")
     w = jnp.asarray(np.random.default_rng(1).standard_normal(12), jnp.float32)
@@ -104,6 +105,7 @@ def test_per_leaf_to_params_is_blockwise():
         np.testing.assert_allclose(np.asarray(leaves[i]).ravel(), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_labels_frozen_and_direct():
     def label(path, leaf):
         return "direct" if path.endswith("bias") else "project"
@@ -183,6 +185,7 @@ def test_grad_w_equals_projected_grad_theta():
     np.testing.assert_allclose(np.asarray(gw), P.T @ np.asarray(g_theta, np.float64), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_does_not_recompile_and_matches_eager():
     traces = []
     step = make_train_step(MODEL.apply, optax.adam(0.05))

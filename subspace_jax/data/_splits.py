@@ -7,16 +7,18 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from subspace_jax._errors import UserError
+
 _CHUNK = 4096  # images converted at a time, bounding float64 / int64 temporaries
 
 
 def _as_int(value, what: str) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
+        raise UserError(f"{what} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+        raise UserError(f"{what} must be an integer, got {value!r}") from None
 
 
 def split_validation(
@@ -50,7 +52,7 @@ def split_validation(
         raise ValueError(f"split_validation: {n} inputs but {len(y)} labels")
     val_size = _as_int(val_size, "val_size")
     if not 0 <= val_size < n:
-        raise ValueError(
+        raise UserError(
             f"val_size={val_size} out of range: need 0 <= val_size < {n} (the training set size)"
         )
     perm = np.random.default_rng(seed).permutation(n)

@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad, batching, mlir
 
+from subspace_jax._errors import UserError
+
 State = Any
 Array = jax.Array
 
@@ -265,13 +267,13 @@ def check_sizes(
     """
     for label, v in (("D", D), ("d", d)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{name}: {label} must be an integer, got {v!r}")
+            raise UserError(f"{name}: {label} must be an integer, got {v!r}")
     D, d = int(D), int(d)
     if D <= 0:
-        raise ValueError(f"{name}: D (number of parameters) must be >= 1, got {D}")
+        raise UserError(f"{name}: D (number of parameters) must be >= 1, got {D}")
     hi = D if max_dim is None else max_dim(D)
     if not 1 <= d <= hi:
-        raise ValueError(f"{name}: d must be in [1, {hi}] for D = {D}, got {d}")
+        raise UserError(f"{name}: d must be in [1, {hi}] for D = {D}, got {d}")
     return D, d
 
 
@@ -391,7 +393,7 @@ def get_projection(name: str | Projection) -> Projection:
 @functools.cache
 def _lookup(name: str) -> Projection:
     if name not in _REGISTRY:
-        raise ValueError(
+        raise UserError(
             f"unknown projection {name!r}; choose one of: {', '.join(projection_names())}"
         )
     projection = _REGISTRY[name]()

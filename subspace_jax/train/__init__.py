@@ -27,6 +27,7 @@ from subspace_jax.train._loop import (
     validate_config,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes, time_call
+from subspace_jax.train._preflight import check_config
 from subspace_jax.train._step import (
     Divergence,
     all_finite,
@@ -50,6 +51,7 @@ __all__ = [
     "Divergence",
     "TrainConfig",
     "Trained",
+    "check_config",
     "check_data_fits",
     "all_finite",
     "checkpoint_init",

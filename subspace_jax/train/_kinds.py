@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_jax._errors import UserError
 from subspace_jax._subspace import Layout, Subspace, init_trainable, make_layout, to_params
 from subspace_jax.data import Dataset, iterate_batches
 from subspace_jax.projections import DenseState
@@ -134,7 +135,7 @@ def top_directions(trajectory: np.ndarray, dim: int) -> np.ndarray:
     """
     T, D = trajectory.shape
     if not 1 <= dim <= min(T - 1, D):
-        raise ValueError(
+        raise UserError(
             f"lottery subspace: d = {dim} is out of range for a trajectory of T = {T} points "
             f"(the centred trajectory has rank <= T - 1 = {T - 1}); allowed 1..{min(T - 1, D)}"
         )
