@@ -208,6 +208,16 @@ class WandbBackend:
         self.folder = Path(folder)
         self.job_type = job_type
         self.config = dict(config or {})
+        self._opened = False
+
+    def shutdown(self) -> None:
+        """Wait for W&B's service to write every finished run: ``run.finish()`` returns
+        before the service has flushed the files of runs open at the same time."""
+        if self._opened:
+            import wandb
+
+            wandb.teardown()
+            self._opened = False
 
     def open(self, name: str, meta: Mapping[str, Any]) -> Handle:
         import wandb
@@ -230,6 +240,7 @@ class WandbBackend:
                 f"{str(e).splitlines()[0] if str(e) else ''}); without an account or a network, "
                 "set WANDB_MODE=offline and sync later with `wandb sync`"
             ) from None
+        self._opened = True
         return _WandbHandle(run)
 
 
@@ -324,8 +335,12 @@ class RunLogs:
             raise errors[0]
 
     def close(self) -> None:
-        """Close every open run (flushing its files)."""
+        """Close every open run and wait until each backend has written its files."""
         self._finish_run()
+        for b in self.backends:
+            shutdown = getattr(b, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
 
     def __enter__(self) -> RunLogs:
         return self
