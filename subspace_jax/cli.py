@@ -498,7 +498,7 @@ def cmd_train(args) -> int:
     written = True
     status = 0
     if args.save_compressed:
-        result, trained = train_and_evaluate(config, progress=progress, return_state=True)
+        result, trained = train_and_evaluate(config, progress=progress)
         saved = result["per_seed"][0]
         if saved["diverged"]:
             print(
@@ -512,7 +512,7 @@ def cmd_train(args) -> int:
                 args.save_compressed, lambda path: _save_compressed(path, result, trained)
             )
     else:
-        result = train_and_evaluate(config, progress=progress)
+        result = train_and_evaluate(config, progress=progress).result
     if args.out:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:

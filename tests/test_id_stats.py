@@ -28,6 +28,7 @@ from subspace_jax.intrinsic_dim import (
     summarize_sweep,
 )
 from subspace_jax.intrinsic_dim._stats import t_quantile
+from subspace_jax.train import TrainOutput
 
 NAN = float("nan")
 
@@ -40,7 +41,7 @@ class BadRunTrainer(FakeTrainer):
         self.nan, self.diverged = set(nan), set(diverged)
 
     def __call__(self, config, data=None, **kw):
-        res = super().__call__(config, data, **kw)
+        res = super().__call__(config, data, **kw).result
         for i, s in enumerate(config.seeds):
             seed = res["per_seed"][i]
             if (config.dim, s) in self.nan:
@@ -50,7 +51,7 @@ class BadRunTrainer(FakeTrainer):
                         h[k] = [NAN if j == i else v for j, v in enumerate(h[k])]
             if (config.dim, s) in self.diverged:
                 seed["diverged"], seed["diverged_step"] = True, 17
-        return res
+        return TrainOutput(res, None)
 
 
 @pytest.fixture

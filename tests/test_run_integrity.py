@@ -21,7 +21,7 @@ from subspace_jax import _results, cli
 from subspace_jax._lock import FolderLocked, lock_folder
 from subspace_jax.data import DataError, data_fingerprint, load_cifar10, load_dataset, load_idx
 from subspace_jax.intrinsic_dim import _sweep, config_key
-from subspace_jax.train import TrainConfig
+from subspace_jax.train import TrainConfig, TrainOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quiet", "--epochs", "1", "--max-steps", "3", "--model", "mlp_small", "--width", "8"]
@@ -231,7 +231,7 @@ class CountingTrainer:
     def __call__(self, config, data=None, *, progress=None, **kwargs):
         self.calls.append((config.dim, tuple(config.seeds), data_fingerprint(data)))
         n = len(config.seeds)
-        return {
+        result = {
             "model": config.model,
             "dataset": config.dataset,
             "projection": config.projection if config.dim else "none",
@@ -255,6 +255,7 @@ class CountingTrainer:
             "learning_rate": 0.03,
             "data_fingerprint": data_fingerprint(data),
         }
+        return TrainOutput(result, None)
 
 
 def test_sweep_retrains_on_other_data_and_reuses_the_same_data_elsewhere(

@@ -148,7 +148,7 @@ def run_dims(
             if progress is not None:
                 progress({"event": "run_start", "dim": int(dim), "seeds": list(todo)})
             cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in todo))
-            result = train_and_evaluate(cfg, data, progress=progress)
+            result = train_and_evaluate(cfg, data, progress=progress).result
             result.setdefault("data_fingerprint", fingerprint)
             for rec in seed_records(result, cfg):
                 _results.append_jsonl(runs_path, rec)
