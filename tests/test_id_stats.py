@@ -124,7 +124,7 @@ def test_diverged_seed_never_reaches_and_is_listed(tmp_path, monkeypatch):
 
 
 def test_seed_records_copy_divergence_and_default_to_not_diverged():
-    res = FakeTrainer()(dataclasses.replace(config(seeds=(0, 1)), dim=8))
+    res = FakeTrainer()(dataclasses.replace(config(seeds=(0, 1)), dim=8)).result
     res["per_seed"][1].update(diverged=True, diverged_step=40)
     recs = seed_records(res, config(seeds=(0, 1)))
     assert [(r["diverged"], r["diverged_step"]) for r in recs] == [(False, None), (True, 40)]
