@@ -28,6 +28,7 @@ from subspace_jax.train._loop import (
     validate_config,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes, time_call
+from subspace_jax.train._resume import CheckpointOptions, remove_checkpoints
 from subspace_jax.train._step import (
     Divergence,
     all_finite,
@@ -49,6 +50,7 @@ __all__ = [
     "OPTIMIZERS",
     "RETRY_LR_FACTOR",
     "SUBSPACE_BASE_LR",
+    "CheckpointOptions",
     "Divergence",
     "TrainConfig",
     "Trained",
@@ -76,6 +78,7 @@ __all__ = [
     "make_train_step",
     "median_ms",
     "peak_memory_bytes",
+    "remove_checkpoints",
     "resolve_lr",
     "run_keys",
     "time_call",

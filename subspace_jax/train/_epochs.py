@@ -209,7 +209,8 @@ def run_epochs(
     on_chunk: Callable[[LoopState, bool], None] | None = None,
 ) -> LoopState:
     """Train from ``state`` to the end of the run; ``on_chunk(state, epoch_ended)`` after each
-    chunk (and once more when an epoch's record is complete)."""
+    chunk but an epoch's last, and once when the epoch's record is complete (before the
+    progress events that report them)."""
     while state.epoch < loop.epochs and state.step < loop.total_steps:
         state = train_epoch(loop, state, progress, on_chunk)
     return state
@@ -255,6 +256,8 @@ def train_epoch(
             epoch_time_s=time.perf_counter() - t_epoch,
             step_times=[*state.step_times, (time.perf_counter() - t) / count],
         )
+        if on_chunk is not None and state.epoch_step < end:
+            on_chunk(state, False)  # before the progress event: what was reported is saved
         if progress is not None:
             progress(
                 {
@@ -264,15 +267,15 @@ def train_epoch(
                     "epoch": state.epoch,
                 }
             )
-        if on_chunk is not None and state.epoch_step < end:
-            on_chunk(state, False)
-    state = _end_epoch(loop, state, time.perf_counter() - t_epoch, progress)
+    state = _end_epoch(loop, state, time.perf_counter() - t_epoch)
     if on_chunk is not None:
         on_chunk(state, True)
+    if progress is not None:
+        _report_epoch(loop, state, progress)
     return state
 
 
-def _end_epoch(loop: Loop, state: LoopState, epoch_time_s: float, progress) -> LoopState:
+def _end_epoch(loop: Loop, state: LoopState, epoch_time_s: float) -> LoopState:
     """Evaluate on the validation split and record the finished epoch."""
     # The divergence flags are read here, once an epoch.
     diverged_at = np.asarray(jax.device_get(state.divs.at))
@@ -287,18 +290,6 @@ def _end_epoch(loop: Loop, state: LoopState, epoch_time_s: float, progress) -> L
         "diverged_at": diverged_at,
         "epoch_time_s": epoch_time_s,
     }
-    if progress is not None:
-        before = state.epochs[-1]["diverged_at"] if state.epochs else np.zeros_like(diverged_at)
-        for i in np.flatnonzero((diverged_at > 0) & (before == 0)):
-            progress(
-                {
-                    "event": "diverged",
-                    "seed": int(loop.seeds[i]),
-                    "step": int(diverged_at[i]),
-                    "learning_rate": loop.lr,
-                }
-            )
-        progress({"event": "epoch", **epoch_record(raw)})
     n = state.losses.shape[1]
     return state._replace(
         epoch=state.epoch + 1,
@@ -309,6 +300,23 @@ def _end_epoch(loop: Loop, state: LoopState, epoch_time_s: float, progress) -> L
         best_val=np.maximum(state.best_val, val_acc),
         epochs=[*state.epochs, raw],
     )
+
+
+def _report_epoch(loop: Loop, state: LoopState, progress: Progress) -> None:
+    """The ``diverged`` events of the seeds new to diverge, then the ``epoch`` event."""
+    raw = state.epochs[-1]
+    diverged_at = raw["diverged_at"]
+    before = state.epochs[-2]["diverged_at"] if len(state.epochs) > 1 else 0 * diverged_at
+    for i in np.flatnonzero((diverged_at > 0) & (before == 0)):
+        progress(
+            {
+                "event": "diverged",
+                "seed": int(loop.seeds[i]),
+                "step": int(diverged_at[i]),
+                "learning_rate": loop.lr,
+            }
+        )
+    progress({"event": "epoch", **epoch_record(raw)})
 
 
 def live_mean(values: np.ndarray, diverged: np.ndarray) -> float | None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -56,6 +57,14 @@ from subspace_jax.train._kinds import (
     lottery_states,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes
+from subspace_jax.train._resume import (
+    ORBAX_MISSING,
+    CheckpointOptions,
+    GroupCheckpointer,
+    run_directory,
+    run_key,
+)
+from subspace_jax.train._resume import available as resume_available
 from subspace_jax.train._step import compile_chunk, init_divergence, make_eval_step
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
@@ -424,6 +433,7 @@ def train_and_evaluate(
     *,
     progress: Progress | None = None,
     theta0_fn: Callable[[jax.Array], Any] | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> TrainOutput:
     """Train ``len(config.seeds)`` runs together and evaluate them.
 
@@ -439,6 +449,10 @@ def train_and_evaluate(
         while training; ``step`` events come once a chunk of steps (see ``_epochs``).
       theta0_fn: optional ``key -> params`` replacing the model's own initialisation (e.g. a
         pretrained checkpoint for subspace fine-tuning).
+      checkpoint: checkpoint the training state with orbax (see ``_resume``) and resume from
+        the latest complete checkpoint of the same run; the caller removes the checkpoints
+        (:func:`remove_checkpoints`) once it has written the result. Ignored, with a warning,
+        when orbax is not installed.
 
     Returns:
       A :class:`TrainOutput` ``(result, trained)``. ``result`` is the result dict (see module
@@ -449,9 +463,17 @@ def train_and_evaluate(
     validate_config(config)
     t_start = time.perf_counter()
     setup = setup_run(config, data, theta0_fn)
+    if checkpoint is not None and not resume_available():
+        warnings.warn(ORBAX_MISSING, stacklevel=2)
+        checkpoint = None
 
     def train(seeds, lr, retries):
-        return _train_seeds(setup, tuple(seeds), lr, retries, progress)
+        saver = None
+        if checkpoint is not None:
+            folder = run_directory(checkpoint, config, setup.data) / f"group-{retries}"
+            per_epoch = num_batches(len(setup.data.x_train), config.batch_size, True)
+            saver = GroupCheckpointer(folder, checkpoint, run_key(config, setup.data), per_epoch)
+        return _train_seeds(setup, tuple(seeds), lr, retries, progress, saver)
 
     runs = train(config.seeds, setup.lr, 0)
     if config.on_divergence == "retry":
@@ -550,13 +572,21 @@ class _Runs(NamedTuple):
 
 
 def _train_seeds(
-    setup: Setup, seeds: tuple[int, ...], lr: float, retries: int, progress: Progress | None
+    setup: Setup,
+    seeds: tuple[int, ...],
+    lr: float,
+    retries: int,
+    progress: Progress | None,
+    saver: GroupCheckpointer | None = None,
 ) -> _Runs:
-    """Train ``seeds`` together at learning rate ``lr`` and evaluate them."""
+    """Train ``seeds`` together at learning rate ``lr`` and evaluate them; with ``saver``,
+    resume from its latest checkpoint and checkpoint while training."""
     config = dataclasses.replace(setup.config, seeds=seeds)
     optimizer = make_optimizer(config.optimizer, lr)
     t_init = time.perf_counter()
     subs, state = _init_state(setup, config, optimizer, progress)
+    if saver is not None:
+        state = _resume(saver, state, setup.total_steps, seeds, progress)
     setup_s = time.perf_counter() - t_init
     chunk_fn = compile_chunk(setup.model.apply, optimizer, config.l2, gather=setup.placed.on_device)
     loop = Loop(
@@ -575,7 +605,11 @@ def _train_seeds(
         seeds=seeds,
         lr=lr,
     )
-    state = run_epochs(loop, state, progress)
+    try:
+        state = run_epochs(loop, state, progress, on_chunk=saver)
+    finally:
+        if saver is not None:
+            saver.close()
     test_loss, test_acc = evaluate(loop.eval_step, subs, state.trainables, *setup.placed.test)
     return _Runs(
         seeds=tuple(int(s) for s in seeds),
@@ -592,6 +626,21 @@ def _train_seeds(
         subs=subs,
         trainables=state.trainables,
     )
+
+
+def _resume(saver: GroupCheckpointer, state, total_steps: int, seeds, progress):
+    """``state`` advanced to the saver's latest checkpoint (if any), announced."""
+    state = saver.restore(state)
+    if state.step and progress is not None:
+        progress(
+            {
+                "event": "message",
+                "text": f"resuming seeds {list(seeds)} from the checkpoint at step "
+                f"{state.step} of {total_steps} (epoch {state.epoch + 1}, "
+                f"step {state.epoch_step} of it)",
+            }
+        )
+    return state
 
 
 def _init_state(setup: Setup, config: TrainConfig, optimizer, progress) -> tuple:
