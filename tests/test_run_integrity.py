@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -112,7 +113,7 @@ def _replace_folder_by_file_after_training(monkeypatch, folder: Path):
     def train_then_break(*a, **k):
         out = real(*a, **k)
         for p in folder.iterdir():
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()  # a checkpoint folder too
         folder.rmdir()
         folder.write_text("not a folder any more")
         return out
