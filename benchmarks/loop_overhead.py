@@ -11,6 +11,9 @@ For each kind (direct training and a Fastfood subspace of the MNIST MLP) and eac
   ``iterate_batches``, one jitted step and one ``block_until_ready`` per step, no evaluation).
 
 ``ratio = epoch_s / (steps_per_epoch x bench_step_ms)``; the issue's target is <= 1.15.
+``chunk_ratio = result step_time_ms / bench_step_ms``: the loop's own per-step time (chunk
+time / steps, evaluation left out) against the benchmark's. On a shared machine the summary's
+``best_*`` ratios (least disturbed epoch over least disturbed step time) are the steadier ones.
 
 Usage:
   python benchmarks/loop_overhead.py --data-dir /work/shared/data/mnist --repeats 3
@@ -105,7 +108,7 @@ def main(argv=None) -> None:
     parser.add_argument("--dataset", default="mnist")
     parser.add_argument("--model", default="mlp")
     parser.add_argument("--fastfood-dim", type=int, default=1000)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=200, help="steps timed for a step time")
     parser.add_argument("--out", default="results/loop_overhead.json")
@@ -140,6 +143,8 @@ def main(argv=None) -> None:
                 "result_step_time_ms": result["step_time_ms"],
                 "per_step_loop_epoch_s": host_epoch,
                 "ratio": epoch_s / (per_epoch * bench_ms * 1e-3),
+                "best_epoch_s": min(epochs),
+                "chunk_ratio": result["step_time_ms"] / bench_ms,
                 "ratio_loop_step": epoch_s / (per_epoch * step_ms * 1e-3),
                 "per_step_loop_ratio": host_epoch / (per_epoch * bench_ms * 1e-3),
                 "load_average": os.getloadavg()[0],
@@ -152,15 +157,21 @@ def main(argv=None) -> None:
                 f"load {rec['load_average']:.1f}",
                 flush=True,
             )
-    summary = {
-        kind: {
-            "median_ratio": float(np.median([r["ratio"] for r in records if r["kind"] == kind])),
+    summary = {}
+    for kind in kinds:
+        mine = [r for r in records if r["kind"] == kind]
+        best_step = min(r["bench_step_ms"] for r in mine)
+        summary[kind] = {
+            "median_ratio": float(np.median([r["ratio"] for r in mine])),
+            # The least disturbed of each (the machine is shared): best epoch / best step.
+            "best_ratio": min(r["best_epoch_s"] for r in mine) / (per_epoch * best_step * 1e-3),
+            "median_chunk_ratio": float(np.median([r["chunk_ratio"] for r in mine])),
             "median_per_step_loop_ratio": float(
-                np.median([r["per_step_loop_ratio"] for r in records if r["kind"] == kind])
+                np.median([r["per_step_loop_ratio"] for r in mine])
             ),
+            "best_per_step_loop_ratio": min(r["per_step_loop_epoch_s"] for r in mine)
+            / (per_epoch * best_step * 1e-3),
         }
-        for kind in kinds
-    }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     meta = {

@@ -125,3 +125,50 @@ def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tm
     assert _untimed(resumed) == _untimed(whole)
     assert [h["steps"] for h in resumed["history"]] == [54, 108, 162, 216]
     assert not ckpt.exists()  # removed once the result was written
+
+
+def test_a_checkpoint_round_trips_the_loop_state_with_empty_leaves_and_dtypes(tmp_path):
+    """Direct training has an empty ``w`` (orbax refuses empty arrays); dtypes must survive
+    (a float32 loss restored as float64 would change the epoch means)."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from subspace_jax.train._epochs import first_state
+
+    n = 2
+    rng = np.random.default_rng(0)
+    t = {"w": jnp.zeros((n, 0)), "direct": (jnp.asarray(rng.normal(size=(n, 3)), jnp.float32),)}
+    o = ({"count": jnp.array([4, 4], jnp.int32), "mu": {"w": jnp.zeros((n, 0))}},)
+    d = {"at": jnp.array([0, 3], jnp.int32)}
+    fresh = first_state(t, o, d, n)
+    losses = rng.normal(size=(5, n)).astype(np.float32)
+    record = {
+        "epoch": 1, "steps": 7, "epoch_time_s": 0.5,
+        "train_loss": losses.mean(0), "train_accuracy": losses.mean(0),
+        "val_loss": np.float32([0.5, 0.25]), "val_accuracy": np.float32([0.75, 0.5]),
+        "diverged_at": np.int32([0, 3]),
+    }  # fmt: skip
+    state = fresh._replace(
+        trainables={**t, "direct": (t["direct"][0] + 1,)},
+        step=12, epoch=1, epoch_step=5, losses=losses, accs=losses * 2,
+        best_val=np.array([0.75, 0.5]), epochs=[record], step_times=[0.1, 0.2],
+    )  # fmt: skip
+    saver = _resume.GroupCheckpointer(tmp_path / "g", CheckpointOptions(tmp_path), "k", 7)
+    saver(state, epoch_ended=False)  # no trigger: no epoch end, no step or time interval
+    saver.close()
+    assert not (tmp_path / "g").exists()
+    saver.save(state)
+    saver.close()
+    back = _resume.GroupCheckpointer(tmp_path / "g", CheckpointOptions(tmp_path), "k", 7)
+    got = back.restore(fresh)
+    assert (got.step, got.epoch, got.epoch_step, got.step_times) == (12, 1, 5, [0.1, 0.2])
+    np.testing.assert_array_equal(got.trainables["direct"][0], state.trainables["direct"][0])
+    assert got.trainables["w"].shape == (n, 0) and got.opt_states[0]["count"].dtype == jnp.int32
+    assert got.losses.dtype == np.float32 and np.array_equal(got.losses, losses)
+    for k in ("train_loss", "val_loss", "val_accuracy", "diverged_at"):
+        assert got.epochs[0][k].dtype == record[k].dtype
+        np.testing.assert_array_equal(got.epochs[0][k], record[k])
+    assert got.epochs[0]["steps"] == 7 and got.best_val.dtype == np.float64
+    # A checkpoint of another run (another key) is not resumed.
+    other = _resume.GroupCheckpointer(tmp_path / "g", CheckpointOptions(tmp_path), "x", 7)
+    assert other.restore(fresh) is fresh

@@ -112,6 +112,20 @@ def _host(tree):
     return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
 
 
+def _pack(tree) -> dict[str, np.ndarray]:
+    """The non-empty leaves of ``tree`` on the host, by flat index (orbax refuses empty
+    arrays, e.g. the ``(N, 0)`` ``w`` of direct training)."""
+    leaves = jax.tree_util.tree_leaves(_host(tree))
+    return {str(i): leaf for i, leaf in enumerate(leaves) if leaf.size}
+
+
+def _unpack(packed: dict, like):
+    """``like``'s tree with the leaves of ``packed`` (empty leaves taken from ``like``)."""
+    leaves, treedef = jax.tree_util.tree_flatten(_host(like))
+    out = [np.asarray(packed.get(str(i), leaf)) for i, leaf in enumerate(leaves)]
+    return jax.device_put(jax.tree_util.tree_unflatten(treedef, out))
+
+
 class GroupCheckpointer:
     """Saves one group of seeds' :class:`LoopState` and restores the latest.
 
@@ -154,9 +168,9 @@ class GroupCheckpointer:
         losses[: state.epoch_step] = state.losses
         accs[: state.epoch_step] = state.accs
         tree: dict[str, Any] = {
-            "trainables": _host(state.trainables),
-            "opt_states": _host(state.opt_states),
-            "divs": _host(state.divs),
+            "trainables": _pack(state.trainables),
+            "opt_states": _pack(state.opt_states),
+            "divs": _pack(state.divs),
             "losses": losses,
             "accs": accs,
             "best_val": np.asarray(state.best_val),
@@ -207,9 +221,9 @@ class GroupCheckpointer:
             return fresh
         n = fresh.best_val.shape[0]
         target: dict[str, Any] = {
-            "trainables": _host(fresh.trainables),
-            "opt_states": _host(fresh.opt_states),
-            "divs": _host(fresh.divs),
+            "trainables": _pack(fresh.trainables),
+            "opt_states": _pack(fresh.opt_states),
+            "divs": _pack(fresh.divs),
             "losses": np.zeros((self.per_epoch, n), fresh.losses.dtype),
             "accs": np.zeros((self.per_epoch, n), fresh.accs.dtype),
             "best_val": np.asarray(fresh.best_val),
@@ -229,9 +243,9 @@ class GroupCheckpointer:
         self._last_step = int(meta["step"])
         k = int(meta["epoch_step"])
         return fresh._replace(
-            trainables=jax.device_put(tree["trainables"]),
-            opt_states=jax.device_put(tree["opt_states"]),
-            divs=jax.device_put(tree["divs"]),
+            trainables=_unpack(tree["trainables"], fresh.trainables),
+            opt_states=_unpack(tree["opt_states"], fresh.opt_states),
+            divs=_unpack(tree["divs"], fresh.divs),
             step=int(meta["step"]),
             epoch=int(meta["epoch"]),
             epoch_step=k,
