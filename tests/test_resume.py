@@ -21,7 +21,7 @@ from subspace_jax.train import (
     train_and_evaluate,
 )
 
-pytest.importorskip("orbax.checkpoint")
+needs_orbax = pytest.mark.skipif(not _resume.available(), reason="orbax-checkpoint missing")
 
 # 3500 / 64 = 54 steps an epoch, chunks of 32 + 22.
 BASE = TrainConfig(model="mlp_small", epochs=3, batch_size=64, seeds=(0, 1))
@@ -48,6 +48,7 @@ def _stop_after(step):
     return progress
 
 
+@needs_orbax
 @pytest.mark.slow
 def test_an_interrupted_run_resumes_to_the_uninterrupted_numbers(tmp_path):
     config = dataclasses.replace(BASE, dim=30, projection="fastfood")
@@ -87,6 +88,7 @@ def _env():
     return env
 
 
+@needs_orbax
 @pytest.mark.slow
 def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tmp_path):
     ref = tmp_path / "ref"
@@ -127,6 +129,7 @@ def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tm
     assert not ckpt.exists()  # removed once the result was written
 
 
+@needs_orbax
 def test_a_checkpoint_round_trips_the_loop_state_with_empty_leaves_and_dtypes(tmp_path):
     """Direct training has an empty ``w`` (orbax refuses empty arrays); dtypes must survive
     (a float32 loss restored as float64 would change the epoch means)."""
@@ -172,3 +175,24 @@ def test_a_checkpoint_round_trips_the_loop_state_with_empty_leaves_and_dtypes(tm
     # A checkpoint of another run (another key) is not resumed.
     other = _resume.GroupCheckpointer(tmp_path / "g", CheckpointOptions(tmp_path), "x", 7)
     assert other.restore(fresh) is fresh
+
+
+def test_without_orbax_checkpointing_is_off_with_a_note(tmp_path, monkeypatch, capsys):
+    from subspace_jax import cli
+
+    monkeypatch.setattr(_resume, "available", lambda: False)
+    tiny = ["--quiet", "--epochs", "1", "--max-steps", "3", "--model", "mlp_small", "--width", "8"]
+    out = tmp_path / "o"
+    args = ["train", *tiny, "--out", str(out), "--checkpoint-every-steps", "1"]
+    assert cli.main(args) == 0
+    err = capsys.readouterr().err
+    assert "note: checkpointing is off: orbax-checkpoint is not installed" in err
+    assert sorted(p.name for p in out.iterdir()) == ["result.json"]
+    # Not asked for: off without a word.
+    assert cli.main(["train", *tiny, "--out", str(tmp_path / "p")]) == 0
+    assert "checkpointing" not in capsys.readouterr().err
+    # The library says so with a warning and trains.
+    config = TrainConfig(model="mlp_small", epochs=1, max_steps=2)
+    with pytest.warns(UserWarning, match="checkpointing is off"):
+        train_and_evaluate(config, checkpoint=CheckpointOptions(tmp_path / "c"))
+    assert not (tmp_path / "c").exists()

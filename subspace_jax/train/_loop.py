@@ -38,6 +38,7 @@ from subspace_jax._subspace import (
 from subspace_jax.data import Dataset, data_fingerprint, load_dataset, num_batches
 from subspace_jax.models import build_model
 from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_factor
+from subspace_jax.train import _resume
 from subspace_jax.train._epochs import (
     Loop,
     Placed,
@@ -64,7 +65,6 @@ from subspace_jax.train._resume import (
     run_directory,
     run_key,
 )
-from subspace_jax.train._resume import available as resume_available
 from subspace_jax.train._step import compile_chunk, init_divergence, make_eval_step
 
 OPTIMIZERS = ("adam", "sgd", "momentum", "adamw")
@@ -463,7 +463,7 @@ def train_and_evaluate(
     validate_config(config)
     t_start = time.perf_counter()
     setup = setup_run(config, data, theta0_fn)
-    if checkpoint is not None and not resume_available():
+    if checkpoint is not None and not _resume.available():
         warnings.warn(ORBAX_MISSING, stacklevel=2)
         checkpoint = None
 
@@ -586,7 +586,7 @@ def _train_seeds(
     t_init = time.perf_counter()
     subs, state = _init_state(setup, config, optimizer, progress)
     if saver is not None:
-        state = _resume(saver, state, setup.total_steps, seeds, progress)
+        state = _resume_from(saver, state, setup.total_steps, seeds, progress)
     setup_s = time.perf_counter() - t_init
     chunk_fn = compile_chunk(setup.model.apply, optimizer, config.l2, gather=setup.placed.on_device)
     loop = Loop(
@@ -628,7 +628,7 @@ def _train_seeds(
     )
 
 
-def _resume(saver: GroupCheckpointer, state, total_steps: int, seeds, progress):
+def _resume_from(saver: GroupCheckpointer, state, total_steps: int, seeds, progress):
     """``state`` advanced to the saver's latest checkpoint (if any), announced."""
     state = saver.restore(state)
     if state.step and progress is not None:

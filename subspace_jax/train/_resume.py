@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.util
 import json
 import shutil
 import time
@@ -40,10 +41,13 @@ import numpy as np
 from subspace_jax.data import Dataset, data_fingerprint
 from subspace_jax.train._epochs import LoopState
 
-try:  # optional: the ``checkpoint`` extra
+
+def _orbax():
+    """``orbax.checkpoint``, imported when first needed (it is slow to import and optional)."""
     import orbax.checkpoint as ocp
-except ImportError:  # pragma: no cover - exercised where orbax is not installed
-    ocp = None
+
+    return ocp
+
 
 #: The message of a checkpoint request without orbax.
 ORBAX_MISSING = (
@@ -55,8 +59,11 @@ _EPOCH_ARRAYS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "di
 
 
 def available() -> bool:
-    """True when orbax-checkpoint can be imported."""
-    return ocp is not None
+    """True when orbax-checkpoint is installed (the ``checkpoint`` extra)."""
+    try:
+        return importlib.util.find_spec("orbax.checkpoint") is not None
+    except ModuleNotFoundError:  # no ``orbax`` package at all
+        return False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,6 +152,7 @@ class GroupCheckpointer:
 
     def _open(self, create: bool):
         if self._manager is None and (create or self.directory.is_dir()):
+            ocp = _orbax()
             opts = ocp.CheckpointManagerOptions(max_to_keep=self.options.max_to_keep, create=True)
             self._manager = ocp.CheckpointManager(
                 self.directory.resolve(), options=opts, item_names=("state", "meta")
@@ -196,6 +204,7 @@ class GroupCheckpointer:
             else {},
         }
         manager = self._open(create=True)
+        ocp = _orbax()
         # A chunk's state is saved once: a second save of the same step (an epoch end right
         # after a step-triggered save) replaces nothing.
         if manager.latest_step() == state.step:
@@ -216,6 +225,7 @@ class GroupCheckpointer:
         step = manager.latest_step() if manager is not None else None
         if step is None:
             return fresh
+        ocp = _orbax()
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
         if meta.get("key") != self.key:
             return fresh
