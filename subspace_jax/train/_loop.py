@@ -1,10 +1,13 @@
 """One entry point, ``train_and_evaluate(config)``: N seeds trained together in one program.
 
-The loop knows nothing of argument parsing, files or progress bars: it reports progress
-through a callback and returns a JSON-serialisable result (the contract documented in the
-README: ``model, dataset, projection, num_params, dim, val_accuracy, best_val_accuracy,
-test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s, seeds, history, per_seed,
-diverged, diverged_seeds``).
+The loop knows nothing of argument parsing or progress bars: it reports progress through a
+callback and returns ``TrainOutput(result, trained)``, ``result`` a JSON-serialisable dict (the
+contract documented in the README: ``model, dataset, projection, num_params, dim,
+val_accuracy, best_val_accuracy, test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s,
+seeds, history, per_seed, diverged, diverged_seeds``). The steps: :func:`setup_run` (model,
+layout, schedule, data placement), ``_train_seeds`` (initialise, then the epochs of
+:mod:`~subspace_jax.train._epochs`, each in chunks of steps run as one ``lax.scan``) and
+``_result``. With ``checkpoint`` it saves and resumes its state (:mod:`._resume`).
 
 Divergence: the training step is guarded (:func:`~subspace_jax.train.guard_finite`), so a seed
 whose loss or state becomes non-finite stops updating at that step while the other seeds go on;
