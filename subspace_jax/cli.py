@@ -241,6 +241,31 @@ def _add_divergence_args(p: argparse.ArgumentParser) -> None:
         default=2,
         help="with --on-divergence retry: retries per diverged seed (default 2)",
     )
+    p.add_argument(
+        "--checkpoint-every-steps",
+        type=_positive_int,
+        default=None,
+        help="checkpoint the training state every N steps too (at a chunk end; default: at "
+        "epoch ends only); a rerun of the same command resumes from the latest checkpoint",
+    )
+    p.add_argument(
+        "--checkpoint-every-minutes",
+        type=_positive_float,
+        default=None,
+        help="checkpoint the training state every M minutes too (at a chunk end)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints go (default: OUT/checkpoints, or JSON.checkpoints for train "
+        "with --json only)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoints after the result is written (default: removed)",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="neither checkpoint nor resume")
 
 
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
@@ -505,8 +530,51 @@ def _make_logs(args, command: str, config):
 # ------------------------------------------------------------------------------ commands
 
 
+def _checkpoint_options(args, default_dir: Path | None):
+    """The run's :class:`CheckpointOptions` from the flags, or None (checkpointing off).
+
+    On by default when orbax is installed and there is a folder to checkpoint in; a
+    checkpoint flag without orbax (or without a folder) says why it is off on stderr.
+    """
+    from subspace_jax.train import CheckpointOptions
+    from subspace_jax.train._resume import ORBAX_MISSING, available
+
+    if args.no_checkpoints:
+        return None
+    asked = (
+        args.checkpoint_dir is not None
+        or args.checkpoint_every_steps is not None
+        or args.checkpoint_every_minutes is not None
+        or args.keep_checkpoints
+    )
+    if not available():
+        if asked:
+            print(f"note: {ORBAX_MISSING}", file=sys.stderr)
+        return None
+    directory = args.checkpoint_dir or default_dir
+    if directory is None:
+        if asked:
+            print(
+                "note: checkpointing is off: give --out, --json or --checkpoint-dir for the "
+                "checkpoints",
+                file=sys.stderr,
+            )
+        return None
+    return CheckpointOptions(
+        directory=directory,
+        every_steps=args.checkpoint_every_steps,
+        every_minutes=args.checkpoint_every_minutes,
+        keep=args.keep_checkpoints,
+    )
+
+
 def cmd_train(args) -> int:
-    from subspace_jax.train import check_config, load_data, train_and_evaluate
+    from subspace_jax.train import (
+        check_config,
+        load_data,
+        remove_checkpoints,
+        train_and_evaluate,
+    )
 
     check_outputs(
         {"--json": args.json, "--save-compressed": args.save_compressed},
@@ -527,8 +595,16 @@ def cmd_train(args) -> int:
         )
     written = True
     status = 0
+    default_dir = (
+        Path(args.out) / "checkpoints"
+        if args.out
+        else Path(f"{args.json}.checkpoints")
+        if args.json
+        else None
+    )
+    checkpoint = _checkpoint_options(args, default_dir)
     if args.save_compressed:
-        result, trained = train_and_evaluate(config, data, progress=progress, return_state=True)
+        result, trained = train_and_evaluate(config, data, progress=progress, checkpoint=checkpoint)
         saved = result["per_seed"][0]
         if saved["diverged"]:
             print(
@@ -542,11 +618,13 @@ def cmd_train(args) -> int:
                 args.save_compressed, lambda path: _save_compressed(path, result, trained)
             )
     else:
-        result = train_and_evaluate(config, data, progress=progress)
+        result = train_and_evaluate(config, data, progress=progress, checkpoint=checkpoint).result
     if args.out:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
+    if checkpoint is not None and written:
+        remove_checkpoints(checkpoint, config, result["data_fingerprint"])
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
         f"val acc {_fmt(result['val_accuracy'])} (best {_fmt(result['best_val_accuracy'])})  "
@@ -658,7 +736,13 @@ def cmd_sweep(args) -> int:
         _lock_out(stack, args)
         progress = stack.enter_context(_logging(printer, logs))
         result = run_sweep(
-            config, dims, out, fraction=args.fraction, metric=args.metric, progress=progress
+            config,
+            dims,
+            out,
+            fraction=args.fraction,
+            metric=args.metric,
+            progress=progress,
+            checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
@@ -725,6 +809,7 @@ def cmd_id(args) -> int:
             d_max=args.d_max,
             n_bootstrap=args.bootstrap,
             progress=progress,
+            checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
     written = True
     if args.json:

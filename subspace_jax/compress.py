@@ -45,7 +45,7 @@ regenerates them from the key exactly as :func:`load_compressed` will and compar
 bit with the trained ones; whatever differs is stored.
 
 Example:
-  >>> result, trained = train_and_evaluate(config, data, return_state=True)
+  >>> result, trained = train_and_evaluate(config, data)
   >>> save_compressed("model.npz", result, trained)
   >>> params, info = load_compressed("model.npz")
   >>> compressed_size_report("model.npz")["ratio"]  # full float32 bytes / file bytes
@@ -264,8 +264,8 @@ def save_compressed(
     Args:
       path: output file, written as given (a ``.npz`` name is conventional).
       result_or_config: the result dict of ``train_and_evaluate`` or its ``TrainConfig``.
-      trained: the :class:`~subspace_jax.train.Trained` state (``return_state=True``), batched
-        over the config's seeds.
+      trained: the :class:`~subspace_jax.train.Trained` state (``train_and_evaluate(...)
+        .trained``), batched over the config's seeds.
       seed_index: which seed of the batch to save (``0 <= seed_index < len(seeds)``).
       allow_stored: when theta0 or P cannot be regenerated from the key (a checkpoint or
         burn-in theta0, a lottery P), store them in the file (4 D and 4 D d bytes) instead of

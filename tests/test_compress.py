@@ -61,7 +61,7 @@ def seed_slice(tree, i=0):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     data = load_data(CONFIG)
-    result, trained = train_and_evaluate(CONFIG, data, return_state=True)
+    result, trained = train_and_evaluate(CONFIG, data)
     path = tmp_path_factory.mktemp("compressed") / "model.npz"
     header = save_compressed(path, result, trained)
     return data, result, trained, path, header

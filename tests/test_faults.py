@@ -53,7 +53,7 @@ CONFIG = TrainConfig(
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two compressed models of one run (seeds 0 and 1), as files."""
-    result, trained = train_and_evaluate(CONFIG, return_state=True)
+    result, trained = train_and_evaluate(CONFIG)
     folder = tmp_path_factory.mktemp("models")
     paths = folder / "seed0.npz", folder / "seed1.npz"
     for i, path in enumerate(paths):

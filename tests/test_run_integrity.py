@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from subspace_jax import _results, cli
 from subspace_jax._lock import FolderLocked, lock_folder
 from subspace_jax.data import DataError, data_fingerprint, load_cifar10, load_dataset, load_idx
 from subspace_jax.intrinsic_dim import _sweep, config_key
-from subspace_jax.train import TrainConfig
+from subspace_jax.train import TrainConfig, TrainOutput
 from subspace_jax.train._reuse import NOT_IN_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,7 +114,7 @@ def _replace_folder_by_file_after_training(monkeypatch, folder: Path):
     def train_then_break(*a, **k):
         out = real(*a, **k)
         for p in folder.iterdir():
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()  # a checkpoint folder too
         folder.rmdir()
         folder.write_text("not a folder any more")
         return out
@@ -232,7 +233,7 @@ class CountingTrainer:
     def __call__(self, config, data=None, *, progress=None, **kwargs):
         self.calls.append((config.dim, tuple(config.seeds), data_fingerprint(data)))
         n = len(config.seeds)
-        return {
+        result = {
             "model": config.model,
             "dataset": config.dataset,
             "projection": config.projection if config.dim else "none",
@@ -256,6 +257,7 @@ class CountingTrainer:
             "learning_rate": 0.03,
             "data_fingerprint": data_fingerprint(data),
         }
+        return TrainOutput(result, None)
 
 
 @pytest.mark.slow

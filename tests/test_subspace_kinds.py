@@ -135,7 +135,7 @@ def test_said_to_params_and_scale_gradients_against_float64():
 def direct_run(data):
     """A direct run of K steps: the burn-in reference and the fine-tuning checkpoint."""
     config = dataclasses.replace(BASE, dim=0, max_steps=6)
-    _, trained = train_and_evaluate(config, data, return_state=True)
+    _, trained = train_and_evaluate(config, data)
     return first(jax.vmap(sj.to_params)(trained.subs, trained.trainables))
 
 
@@ -144,7 +144,7 @@ def said_finetune(tmp_path_factory, data, direct_run):
     """One SAID run fine-tuned from the direct run's checkpoint (serves two tests)."""
     path = save_params(tmp_path_factory.mktemp("ckpt") / "theta.msgpack", direct_run)
     config = dataclasses.replace(BASE, dim=30, said=True, max_steps=20, theta0_path=str(path))
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     return path, config, result, trained
 
 
@@ -179,7 +179,7 @@ def test_fine_tuning_starts_at_the_checkpoint(tmp_path, data, direct_run, said_f
 @pytest.mark.slow
 def test_burn_in_starts_the_subspace_at_the_burned_in_point(tmp_path, data, direct_run):
     config = dataclasses.replace(BASE, dim=20, burn_in_steps=6, max_steps=3)
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     assert result["burn_in_steps"] == 6 and result["theta0"] == "init+burn_in:6"
     sub = first(trained.subs)
     # w = 0 gives the burned-in point exactly.
@@ -255,7 +255,7 @@ def test_lottery_projection_is_the_trajectory_top_directions(tmp_path, data):
     config = dataclasses.replace(
         BASE, dim=d, projection="lottery", max_steps=steps, lottery_every=every
     )
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     assert result["projection"] == "lottery" and result["dim"] == d
     sub = first(trained.subs)
     P = np.asarray(sub.proj_states[0].matrix, np.float64)

@@ -234,7 +234,7 @@ class _Worker:
             seeds=(int(spec["seed"]),),
             model_overrides=dict(spec.get("model_overrides", {})),
         )
-        res = train_and_evaluate(config)
+        res = train_and_evaluate(config).result
         return {
             "val_accuracy": res["val_accuracy"],
             "accuracy_steps": res["steps"],

@@ -489,7 +489,16 @@ class _Trainer:
     """``measure(d)`` over training: evaluates all seeds of one d, counts new and reused runs."""
 
     def __init__(
-        self, base: TrainConfig, out_dir: Path, seeds, metric, which, evaluate, data, progress
+        self,
+        base: TrainConfig,
+        out_dir: Path,
+        seeds,
+        metric,
+        which,
+        evaluate,
+        data,
+        progress,
+        checkpoint=None,
     ):
         self.seeds, self.metric, self.which = seeds, metric, which
         self.records: dict[int, list[dict]] = {}
@@ -509,7 +518,9 @@ class _Trainer:
                     continue
 
             def evaluate(dims, seeds_):
-                return run_dims(base, dims, seeds_, out_dir, data=data, progress=progress)
+                return run_dims(
+                    base, dims, seeds_, out_dir, data=data, progress=progress, checkpoint=checkpoint
+                )
 
         self.evaluate = evaluate
 
@@ -609,6 +620,7 @@ def search_intrinsic_dim(
     evaluate: Evaluate | None = None,
     progress: Progress | None = None,
     write: bool = True,
+    checkpoint=None,
 ) -> dict:
     """Search d_int for ``base`` (its ``seeds``; ``base.dim`` is ignored).
 
@@ -640,6 +652,8 @@ def search_intrinsic_dim(
         ``seed``, ``num_params`` and the metric fields; default :func:`run_dims`.
       progress: called with training events and ``{"event": "message", "text": ...}``.
       write: write ``id.json`` and ``id.png`` to ``out_dir``.
+      checkpoint: :class:`~subspace_jax.train.CheckpointOptions`: every training checkpoints
+        and resumes (see :func:`run_dims`); None: no checkpoints.
 
     Returns:
       A JSON-serialisable dict: ``d_int`` (None when censored), ``censored``,
@@ -665,7 +679,7 @@ def search_intrinsic_dim(
     seeds = [int(s) for s in base.seeds]
     base = dataclasses.replace(base, dim=0)
     say = _messages(progress)
-    trainer = _Trainer(base, out_dir, seeds, metric, which, evaluate, data, progress)
+    trainer = _Trainer(base, out_dir, seeds, metric, which, evaluate, data, progress, checkpoint)
     base_values, base_mean, num_params, baseline_text = _baseline(
         baseline, trainer, seeds, metric, which
     )

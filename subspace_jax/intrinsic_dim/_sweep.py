@@ -28,7 +28,14 @@ from subspace_jax.intrinsic_dim._stats import (
     target_value,
 )
 from subspace_jax.projections import LR_RULE
-from subspace_jax.train import TrainConfig, check_config, load_data, train_and_evaluate
+from subspace_jax.train import (
+    CheckpointOptions,
+    TrainConfig,
+    check_config,
+    load_data,
+    remove_checkpoints,
+    train_and_evaluate,
+)
 from subspace_jax.train._reuse import KEY_FIELDS
 
 RUNS_FILE = "runs.jsonl"
@@ -117,6 +124,7 @@ def run_dims(
     data=None,
     progress: Callable[[dict], None] | None = None,
     reuse: bool = True,
+    checkpoint: CheckpointOptions | None = None,
 ) -> list[dict]:
     """Train every ``d`` in ``dims`` (0 = direct) for every seed, reusing finished records.
 
@@ -126,7 +134,9 @@ def run_dims(
     the data is loaded (when ``data`` is None) to compute that fingerprint.
 
     Returns:
-      All matching records (reused and new) for the requested dims and seeds.
+      All matching records (reused and new) for the requested dims and seeds. With
+      ``checkpoint``, each training resumes from its checkpoints, removed once its records
+      are written.
     """
     out_dir = Path(out_dir)
     runs_path = out_dir / RUNS_FILE
@@ -149,11 +159,14 @@ def run_dims(
             if progress is not None:
                 progress({"event": "run_start", "dim": int(dim), "seeds": list(todo)})
             cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in todo))
-            result = train_and_evaluate(cfg, data, progress=progress)
+            result = train_and_evaluate(cfg, data, progress=progress, checkpoint=checkpoint)
+            result = result.result
             result.setdefault("data_fingerprint", fingerprint)
             for rec in seed_records(result, cfg):
                 _results.append_jsonl(runs_path, rec)
                 have[(key, int(dim), int(rec["seed"]))] = rec
+            if checkpoint is not None:
+                remove_checkpoints(checkpoint, cfg, data)
             if progress is not None:
                 progress(
                     {
@@ -327,6 +340,7 @@ def run_sweep(
     fraction: float = 0.9,
     metric: str = "val_accuracy",
     progress: Callable[[dict], None] | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict:
     """The full sweep: baseline (d = 0) and every d, for ``base.seeds``; writes the plot.
 
@@ -352,9 +366,10 @@ def run_sweep(
     for d in dims:  # every d's sizes, before the baseline trains
         check_config(dataclasses.replace(base, dim=d))
     data = load_checked_data(base)
-    baseline_runs = run_dims(base, [0], seeds, out_dir, data=data, progress=progress)
+    kw = dict(data=data, progress=progress, checkpoint=checkpoint)
+    baseline_runs = run_dims(base, [0], seeds, out_dir, **kw)
     check_sweep_baseline(baseline_runs, metric)
-    runs = run_dims(base, dims, seeds, out_dir, data=data, progress=progress)
+    runs = run_dims(base, dims, seeds, out_dir, **kw)
     summary = summarize_sweep(baseline_runs, runs, fraction=fraction, metric=metric)
     plot = _results.plot_accuracy_vs_dim(
         out_dir / "sweep.png",

@@ -12,6 +12,7 @@ from subspace_jax.train._loop import (
     SUBSPACE_BASE_LR,
     TrainConfig,
     Trained,
+    TrainOutput,
     check_data_fits,
     checkpoint_init,
     config_layout,
@@ -28,9 +29,11 @@ from subspace_jax.train._loop import (
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes, time_call
 from subspace_jax.train._preflight import check_config
+from subspace_jax.train._resume import CheckpointOptions, remove_checkpoints
 from subspace_jax.train._step import (
     Divergence,
     all_finite,
+    compile_chunk,
     compile_steps,
     cross_entropy,
     guard_finite,
@@ -48,13 +51,16 @@ __all__ = [
     "OPTIMIZERS",
     "RETRY_LR_FACTOR",
     "SUBSPACE_BASE_LR",
+    "CheckpointOptions",
     "Divergence",
     "TrainConfig",
     "Trained",
     "check_config",
+    "TrainOutput",
     "check_data_fits",
     "all_finite",
     "checkpoint_init",
+    "compile_chunk",
     "compile_steps",
     "config_layout",
     "cross_entropy",
@@ -74,6 +80,7 @@ __all__ = [
     "make_train_step",
     "median_ms",
     "peak_memory_bytes",
+    "remove_checkpoints",
     "resolve_lr",
     "run_keys",
     "time_call",

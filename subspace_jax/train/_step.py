@@ -173,3 +173,64 @@ def compile_steps(
         donate = (1, 2)
     evaluate = jax.vmap(make_eval_step(apply_fn), in_axes=(0, 0, None, None))
     return jax.jit(train, donate_argnums=donate), jax.jit(evaluate)
+
+
+def compile_chunk(
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    l2: float = 0.0,
+    *,
+    gather: bool = True,
+):
+    """A chunk of guarded, seed-vmapped training steps as one jitted ``lax.scan``.
+
+    The device runs the whole chunk without returning to the host: no per-step dispatch and no
+    per-step synchronisation. Each step is :func:`guard_finite`'s step, vmapped over seeds as in
+    :func:`compile_steps` (the same batch for every seed); a step whose ``valid`` flag is False
+    is skipped (``lax.cond`` on an unbatched flag: no compute, the state passes through), so
+    chunks of one static length cover an epoch of any length and ``max_steps`` without
+    recompiling.
+
+    With ``gather=True`` (the training split on the device)::
+
+      chunk(subs, trainables, opt_states, divs, (x, y), (rows, valid))
+
+    with ``x: (N_train, ...)``, ``y: (N_train,)`` device arrays, ``rows: (L, B)`` int32 indices
+    of each step's batch and ``valid: (L,)`` bool; the batch ``x[rows[i]]`` is gathered on the
+    device. With ``gather=False`` (batches fed from the host)::
+
+      chunk(subs, trainables, opt_states, divs, (), (xb, yb, valid))
+
+    with ``xb: (L, B, ...)``, ``yb: (L, B)`` the chunk's stacked batches.
+
+    Returns:
+      ``(trainables, opt_states, divs, losses (L, N), accuracies (L, N))``; the rows of skipped
+      steps are zeros. The trainable, optimiser and divergence states are donated.
+    """
+    step = jax.vmap(
+        guard_finite(make_train_step(apply_fn, optimizer, l2)), in_axes=(0, 0, 0, 0, None, None)
+    )
+
+    def chunk(subs, trainables, opt_states, divs, data, xs):
+        def body(carry, inputs):
+            if gather:
+                rows, valid = inputs
+                x, y = data
+                xb, yb = x[rows], y[rows]
+            else:
+                xb, yb, valid = inputs
+
+            def run(c):
+                t, o, dv, loss, acc = step(subs, *c, xb, yb)
+                return (t, o, dv), (loss, acc)
+
+            def skip(c):
+                out = jax.eval_shape(run, c)[1]
+                return c, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+            return jax.lax.cond(valid, run, skip, carry)
+
+        carry, (losses, accs) = jax.lax.scan(body, (trainables, opt_states, divs), xs)
+        return (*carry, losses, accs)
+
+    return jax.jit(chunk, donate_argnums=(1, 2, 3))
