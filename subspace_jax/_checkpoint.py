@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import serialization
 
+from subspace_jax._errors import UserError
 from subspace_jax._results import atomic_write
 from subspace_jax._tree import path_to_str
 
@@ -36,7 +37,7 @@ SUFFIXES = (".msgpack", ".npz")
 def _suffix(path: str | Path) -> str:
     suffix = Path(path).suffix.lower()
     if suffix not in SUFFIXES:
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} has suffix {suffix!r}; allowed: {', '.join(SUFFIXES)}"
         )
     return suffix
@@ -71,11 +72,11 @@ def _read_leaves(path: Path, suffix: str) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as z:
                 return {k: z[k] for k in z.files}
         except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {str(path)!r} as an .npz checkpoint: {e}") from None
+            raise UserError(f"cannot read {str(path)!r} as an .npz checkpoint: {e}") from None
     try:
         state = serialization.msgpack_restore(path.read_bytes())
     except Exception as e:  # msgpack raises its own exception types
-        raise ValueError(f"cannot read {str(path)!r} as a msgpack checkpoint: {e}") from None
+        raise UserError(f"cannot read {str(path)!r} as a msgpack checkpoint: {e}") from None
     with_path, _ = jax.tree_util.tree_flatten_with_path(state)
     return {path_to_str(p): np.asarray(leaf) for p, leaf in with_path}
 
@@ -119,7 +120,7 @@ def load_params(path: str | Path, target: PyTree) -> PyTree:
             parts.append(f"unexpected leaves {extra}")
         if bad_shape:
             parts.append(f"wrong shapes ({'; '.join(bad_shape)})")
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} does not match the model's parameter tree: "
             f"{', '.join(parts)}"
         )
@@ -127,6 +128,6 @@ def load_params(path: str | Path, target: PyTree) -> PyTree:
     for name, (_, leaf) in zip(wanted, with_path, strict=True):
         arr = stored[name]
         if not np.issubdtype(arr.dtype, np.floating):
-            raise ValueError(f"checkpoint leaf {name!r} has dtype {arr.dtype}; expected floats")
+            raise UserError(f"checkpoint leaf {name!r} has dtype {arr.dtype}; expected floats")
         leaves.append(jnp.asarray(arr, dtype=leaf.dtype))
     return jax.tree_util.tree_unflatten(treedef, leaves)

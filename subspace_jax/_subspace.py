@@ -5,9 +5,21 @@ the projection states; its static layout (which leaves are projected, frozen or 
 directly, and each group's sizes) sits in pytree auxiliary data, so it never enters a trace and
 ``jax.vmap`` over keys gives N independent subspaces in one batched pytree.
 
-The trainable variables are a small dict ``{"w": (d,), "direct": (leaf, ...)}``: ``w`` is the
-concatenation of every group's coordinates, ``direct`` the leaves trained directly (empty unless
-some leaves are labelled ``"direct"``). Only they are differentiated and updated by optax.
+The trainable variables are a :class:`Trainable` (a NamedTuple of fixed structure, the same
+fields for every layout): ``w`` (d,) the concatenation of every group's coordinates,
+``direct`` the leaves trained directly (``()`` unless some leaves are labelled ``"direct"``) and
+``scales`` the SAID scales (shape ``(0,)`` unless ``said=True``). Only they are differentiated
+and updated by optax; :func:`init_trainable` copies the direct leaves, so they never alias
+``theta0`` (a step may donate them).
+
+Dtype policy (bf16 / f16 models): ``w`` and ``scales`` are float32 master copies, and so are
+directly trained leaves narrower than float32 (``init_trainable(..., master_dtype=None)`` keeps
+each leaf's own dtype). ``P w`` is computed in the projection state's dtype (float32) and
+``theta0 + s * P w`` in the wider of the leaf's dtype and float32 (float32 for a bf16 leaf); the
+sum is cast to the leaf's dtype once, at the end (one rounding). The model thus receives
+parameters of its own dtype while updates smaller than a bf16 ulp accumulate in the float32 ``w``
+(and master direct leaves) instead of being rounded away step by step. Float32 (and float64)
+models are computed exactly as before.
 
 Flax variables: given ``model.init(...)`` with collections besides ``"params"`` (e.g.
 ``{"params": ..., "batch_stats": ...}``), only ``"params"`` is projected (``collections=`` picks
@@ -18,7 +30,7 @@ returned, as its ``collections`` argument).
 
 SAID (structure-aware intrinsic dimension, Aghajanyan et al. 2021): with ``said=True`` each
 projected leaf i gets one learned scale, ``theta_i = theta0_i + lambda_i * (P w)_i``, and the
-trainable dict gains ``"said": (m,)`` (m = number of projected leaves, in flatten order),
+trainable's ``scales`` has shape ``(m,)`` (m = number of projected leaves, in flatten order),
 initialised to ones as in the authors' code (zeros would be a saddle: with ``w = 0`` and
 ``lambda = 0`` both gradients vanish). The start point is ``theta0`` for any ``lambda`` since
 ``w = 0``. Dimension bookkeeping follows the paper, ``theta^{d-m}``: the requested ``dim`` counts
@@ -493,20 +505,55 @@ def init_from_layout(key: jax.Array, theta0: PyTree, layout: Layout) -> Subspace
     return Subspace(theta0=params, proj_states=states, layout=layout, other_collections=others)
 
 
-def init_trainable(sub: Subspace) -> dict:
-    """The trainable variables at the start: ``{"w": zeros(d), "direct": (theta0 leaves...)}``.
+class Trainable(NamedTuple):
+    """The trainable variables of a subspace: what optax initialises, differentiates and updates.
 
-    A SAID subspace adds ``"said": ones(m)``, one scale per projected leaf.
+    The structure is the same for every layout (no option adds or removes a field); only the
+    number of ``direct`` leaves and the lengths follow the layout.
+
+    Attributes:
+      w: ``(d,)`` float32, the subspace coordinates (every group's, concatenated; zeros at the
+        start, so ``to_params`` gives ``theta0``).
+      direct: the directly trained leaves (label ``"direct"``, or every leaf when ``dim = 0``),
+        in flatten order, each of its leaf's shape; ``()`` when there are none.
+      scales: ``(m,)`` float32 SAID scales, one per projected leaf (ones at the start); shape
+        ``(0,)`` unless the layout is SAID. None (``Trainable(w)``) means scales of one.
+    """
+
+    w: jax.Array
+    direct: tuple = ()
+    scales: jax.Array | None = None
+
+
+def init_trainable(sub: Subspace, *, master_dtype: Any = jnp.float32) -> Trainable:
+    """The trainable variables at the start: ``Trainable(w=zeros(d), direct=copies, scales)``.
+
+    The directly trained leaves are fresh copies of theta0's (never aliases: a jitted step may
+    donate them while ``sub`` is still used). A leaf narrower than ``master_dtype`` (bf16,
+    f16) is copied as ``master_dtype`` (the float32 master copy, cast back to the leaf's dtype
+    by :func:`to_params`); ``master_dtype=None`` keeps every leaf's own dtype.
+
     For a batch of subspaces (vmapped over keys) use ``jax.vmap(init_trainable)(subs)``.
+
+    Args:
+      sub: the :class:`Subspace`.
+      master_dtype: the least precision of the directly trained leaves (default float32).
+
+    Returns:
+      A :class:`Trainable`: ``w`` ``(d,)`` zeros, ``direct`` the copies, ``scales`` ``(m,)``
+      ones for SAID (else ``(0,)``), all float32 but the direct leaves.
     """
     leaves = jax.tree_util.tree_leaves(sub.theta0)
-    trainable = {
-        "w": jnp.zeros((sub.layout.dim,), jnp.float32),
-        "direct": tuple(leaves[i] for i in sub.layout.direct_leaves),
-    }
-    if sub.layout.said:
-        trainable["said"] = jnp.ones((sub.layout.num_scales,), jnp.float32)
-    return trainable
+
+    def copy(x):
+        dtype = x.dtype if master_dtype is None else _wider(x.dtype, master_dtype)
+        return jnp.array(x, dtype=dtype, copy=True)
+
+    return Trainable(
+        w=jnp.zeros((sub.layout.dim,), jnp.float32),
+        direct=tuple(copy(leaves[i]) for i in sub.layout.direct_leaves),
+        scales=jnp.ones((sub.layout.num_scales,), jnp.float32),
+    )
 
 
 def _check_float(what: str, x: Any, shape: tuple[int, ...]) -> None:
@@ -518,26 +565,42 @@ def _check_float(what: str, x: Any, shape: tuple[int, ...]) -> None:
         raise ValueError(f"{what} must be floating point, got dtype {x.dtype}")
 
 
-def _check_trainable(layout: Layout, trainable: Any) -> dict:
-    """``trainable`` as a dict, its structure, shapes and dtypes checked against ``layout``."""
-    if not isinstance(trainable, Mapping):
-        trainable = {"w": trainable, "direct": ()}
-    allowed = {"w", "direct"} | ({"said"} if layout.said else set())
-    extra = set(trainable) - allowed
-    if extra or "w" not in trainable:
-        raise ValueError(
-            f"trainable must be w or a dict with keys {sorted(allowed)} (from init_trainable); "
-            f"got keys {sorted(trainable)}"
-        )
-    _check_float("w", trainable["w"], (layout.dim,))
-    if layout.said and trainable.get("said") is not None:
-        _check_float("said", trainable["said"], (layout.num_scales,))
-    direct = trainable.get("direct", ())
+_LEGACY_KEYS = {"w": "w", "direct": "direct", "said": "scales", "scales": "scales"}
+
+
+def as_trainable(layout: Layout, trainable: Any) -> Trainable:
+    """``trainable`` as a :class:`Trainable`, its structure, shapes and dtypes checked.
+
+    Accepts a ``Trainable``, just ``w`` (no direct leaves; SAID scales of one) or the dict
+    ``{"w", "direct", "said"}`` of earlier versions.
+
+    Raises:
+      ValueError: naming the bad field, its shape or dtype and the expected one.
+    """
+    if isinstance(trainable, Mapping):
+        unknown = set(trainable) - set(_LEGACY_KEYS)
+        if unknown or "w" not in trainable:
+            raise ValueError(
+                "trainable must be a Trainable(w, direct, scales) from init_trainable (or w "
+                f"alone); got a dict with keys {sorted(trainable)}"
+            )
+        trainable = Trainable(**{_LEGACY_KEYS[k]: v for k, v in trainable.items()})
+    elif not isinstance(trainable, Trainable):
+        if isinstance(trainable, tuple):
+            raise ValueError(
+                f"trainable must be a Trainable(w, direct, scales) from init_trainable (or w "
+                f"alone), got a {type(trainable).__name__} of {len(trainable)} items"
+            )
+        trainable = Trainable(w=trainable)
+    _check_float("w", trainable.w, (layout.dim,))
+    if trainable.scales is not None:
+        _check_float("scales (SAID)", trainable.scales, (layout.num_scales,))
+    direct = trainable.direct
     want = layout.direct_leaves
     if not isinstance(direct, (tuple, list)) or len(direct) != len(want):
         n = len(direct) if isinstance(direct, (tuple, list)) else type(direct).__name__
         raise ValueError(
-            f"trainable['direct'] must be a tuple of the {len(want)} directly trained leaves "
+            f"trainable.direct must be a tuple of the {len(want)} directly trained leaves "
             f"(from init_trainable), got {n}"
         )
     for x, i in zip(direct, want, strict=True):
@@ -547,18 +610,21 @@ def _check_trainable(layout: Layout, trainable: Any) -> dict:
 
 
 def to_params(
-    sub: Subspace, trainable: dict | jax.Array, collections: Mapping[str, PyTree] | None = None
+    sub: Subspace,
+    trainable: Trainable | jax.Array,
+    collections: Mapping[str, PyTree] | None = None,
 ) -> PyTree:
     """The full parameter tree ``theta0 + P w`` (pure, jittable, differentiable in ``trainable``).
 
-    With SAID, leaf i is ``theta0_i + said[k_i] * (P w)_i`` (scales of one when ``trainable``
-    is just ``w`` or lacks ``"said"``).
+    With SAID, leaf i is ``theta0_i + scales[k_i] * (P w)_i`` (scales of one when ``trainable``
+    is just ``w``). Each projected leaf is computed in the wider of its dtype and float32 and
+    cast to the leaf's dtype at the end; direct leaves are cast to their leaf's dtype (see the
+    module docstring's dtype policy).
 
     Args:
       sub: the :class:`Subspace`.
-      trainable: ``{"w": (d,), "direct": (...)}`` (plus ``"said": (m,)`` for SAID) from
-        :func:`init_trainable`, or just ``w``. Its structure, shapes and dtypes (floating) are
-        checked.
+      trainable: the :class:`Trainable` of :func:`init_trainable` (or just ``w``). Its
+        structure, shapes and dtypes (floating) are checked (:func:`as_trainable`).
       collections: for Flax variables with collections that are not projected, their current
         values (e.g. ``{"batch_stats": new_stats}`` as ``model.apply(..., mutable=...)``
         returned them); the ones not given are those of :attr:`Subspace.other_collections`.
@@ -572,9 +638,9 @@ def to_params(
         collection that is projected or unknown.
     """
     layout = sub.layout
-    trainable = _check_trainable(layout, trainable)
-    w = trainable["w"]
-    scales = trainable.get("said") if layout.said else None
+    trainable = as_trainable(layout, trainable)
+    w = trainable.w
+    scales = trainable.scales if layout.said else None
     scale_of = {leaf: k for k, leaf in enumerate(layout.said_leaves)}
     leaves = list(jax.tree_util.tree_leaves(sub.theta0))
     for g, state in zip(layout.groups, sub.proj_states, strict=True):
@@ -586,13 +652,30 @@ def to_params(
             piece = delta[start : start + spec.size].reshape(spec.shape)
             if scales is not None:
                 piece = scales[scale_of[i]] * piece
-            leaves[i] = leaves[i] + piece.astype(leaves[i].dtype)
+            leaves[i] = _add_in_wide(leaves[i], piece)
             start += spec.size
-    direct = trainable.get("direct", ())
     for j, i in enumerate(layout.direct_leaves):
-        leaves[i] = direct[j]
+        leaves[i] = trainable.direct[j].astype(layout.spec.leaves[i].dtype)
     params = jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
     return _with_other_collections(sub, params, collections)
+
+
+def _wider(a: Any, b: Any) -> np.dtype:
+    """The wider of two float dtypes (float32 for two different ones of one width, e.g. bf16
+    and f16); unlike ``jnp.promote_types`` it holds under strict dtype promotion."""
+    a, b = np.dtype(a), np.dtype(b)
+    if a == b:
+        return a
+    if a.itemsize == b.itemsize:
+        return np.dtype(np.float32)
+    return a if a.itemsize > b.itemsize else b
+
+
+def _add_in_wide(theta0: jax.Array, piece: jax.Array) -> jax.Array:
+    """``theta0 + piece`` in the wider dtype (float32 for bf16 + float32), cast back to
+    theta0's dtype once (for float32 leaves exactly ``theta0 + piece``)."""
+    wide = _wider(theta0.dtype, piece.dtype)
+    return (theta0.astype(wide) + piece.astype(wide)).astype(theta0.dtype)
 
 
 def _with_other_collections(

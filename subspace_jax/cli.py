@@ -1,7 +1,9 @@
 """The ``subspace-jax`` command line: thin parsing around the library's entry points.
 
-Every command turns bad input into a one-line ``error: ...`` and exit status 2 (never a
-traceback), prints progress to stderr, and writes its results to files as it goes.
+Every command turns bad input (a :class:`~subspace_jax.UserError`) into a one-line
+``error: ...`` and exit status 2, prints progress to stderr, and writes its results to files as
+it goes. Any other exception is a bug: its traceback is kept, with a line asking to report it
+(exit status ``EXIT_INTERNAL_ERROR``).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ import math
 import os
 import sys
 import time
+import traceback
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+
+# ProgressPrinter lives in _progress (no JAX import); re-exported for callers of the CLI.
+from subspace_jax._errors import UserError
+from subspace_jax._progress import CountBar, ProgressPrinter, _fmt
 
 EXIT_BAD_INPUT = 2
 #: Exit status when the work is done but a result file could not be written where asked
@@ -28,10 +35,17 @@ MAX_BOOTSTRAP = 1_000_000
 MAX_SEED = 2**32 - 1  # subspace_jax.train.MAX_SEED, repeated so parsing does not import JAX
 #: ``train``: every seed diverged, or the seed ``--save-compressed`` saves did (results written).
 EXIT_DIVERGED = 3
+#: An unexpected exception (a bug): its traceback is printed with ``REPORT_BUG`` (sysexits'
+#: EX_SOFTWARE).
+EXIT_INTERNAL_ERROR = 70
+REPORT_BUG = (
+    "this is a bug in subspace-jax, not a problem with your input: please report it on the "
+    "project's issue tracker with the command line and the traceback above"
+)
 
 
-class CLIError(ValueError):
-    """A problem with the user's input, reported without a traceback."""
+class CLIError(UserError):
+    """A bad flag or flag combination, found by the command line itself."""
 
 
 # ------------------------------------------------------------------------------ parsing
@@ -250,13 +264,38 @@ def _add_divergence_args(p: argparse.ArgumentParser) -> None:
         default=2,
         help="with --on-divergence retry: retries per diverged seed (default 2)",
     )
+    p.add_argument(
+        "--checkpoint-every-steps",
+        type=_positive_int,
+        default=None,
+        help="checkpoint the training state every N steps too (at a chunk end; default: at "
+        "epoch ends only); a rerun of the same command resumes from the latest checkpoint",
+    )
+    p.add_argument(
+        "--checkpoint-every-minutes",
+        type=_positive_float,
+        default=None,
+        help="checkpoint the training state every M minutes too (at a chunk end)",
+    )
+    p.add_argument(
+        "--checkpoint-dir",
+        default=None,
+        help="where checkpoints go (default: OUT/checkpoints, or JSON.checkpoints for train "
+        "with --json only)",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="keep the checkpoints after the result is written (default: removed)",
+    )
+    p.add_argument("--no-checkpoints", action="store_true", help="neither checkpoint nor resume")
 
 
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
     """Build a validated :class:`TrainConfig` from parsed arguments."""
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.train import TrainConfig, validate_config
+    from subspace_jax.train import TrainConfig, check_config
 
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
@@ -293,7 +332,7 @@ def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
         max_retries=getattr(args, "max_retries", 2),
         **_task_fields(args),
     )
-    validate_config(config)
+    check_config(config)
     return config
 
 
@@ -458,73 +497,127 @@ def _json_writer(obj):
 # ------------------------------------------------------------------------------ progress
 
 
-class ProgressPrinter:
-    """Progress on stderr: a live bar on a terminal, one line per epoch otherwise."""
+def _add_log_args(p: argparse.ArgumentParser) -> None:
+    """``--log``: live metric logs (TensorBoard event files, Weights & Biases)."""
+    p.add_argument(
+        "--log",
+        action="append",
+        default=None,
+        metavar="KIND[:WHERE]",
+        help="live logs: tensorboard[:DIR] (default DIR: OUT/tensorboard) and/or "
+        "wandb[:PROJECT] (files in OUT/wandb; WANDB_MODE=offline works without network); "
+        "repeat or comma-separate",
+    )
 
-    def __init__(self, stream=None, quiet: bool = False):
-        self.stream = stream or sys.stderr
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
-        self.quiet = quiet
-        self.t0 = time.perf_counter()
-        self._last = 0.0
 
-    def _line(self, text: str) -> None:
-        """One line of progress, clearing the step bar first on a terminal."""
-        if self.tty:
-            self.stream.write("\r" + " " * 70 + "\r")
-        self.stream.write(text + "\n")
-        self.stream.flush()
+def _log_base(args, command: str) -> Path:
+    """The folder the logs go in by default: the command's output folder."""
+    if getattr(args, "out", None):
+        return Path(args.out)
+    if getattr(args, "json", None):
+        return Path(args.json).parent
+    return Path("results") / command
 
-    def __call__(self, event: dict) -> None:
-        if self.quiet:
-            return
-        kind = event.get("event")
-        elapsed = time.perf_counter() - self.t0
-        if kind == "step" and self.tty:
-            now = time.perf_counter()
-            if now - self._last < 0.1 and event["step"] != event["total_steps"]:
-                return
-            self._last = now
-            done, total = event["step"], event["total_steps"]
-            width = 30
-            filled = int(width * done / max(total, 1))
-            bar = "#" * filled + "." * (width - filled)
-            self.stream.write(f"\r  [{bar}] {done}/{total} steps  {elapsed:6.1f}s")
-            self.stream.flush()
-        elif kind == "epoch":
-            self._line(
-                f"  epoch {event['epoch']:3d}  train loss {_fmt(event['train_loss'])}  "
-                f"val acc {_fmt(event['val_accuracy'])}  ({elapsed:.1f}s)"
+
+def _make_logs(args, command: str, config):
+    """The ``--log`` consumers of the progress events, checked before anything trains.
+
+    Returns:
+      A :class:`~subspace_jax._logs.RunLogs`, or None without ``--log``.
+
+    Raises:
+      CLIError: an unknown log, a missing package (naming the pip command) or an unwritable
+        folder.
+    """
+    from subspace_jax import _logs
+
+    try:
+        specs = _logs.parse_log_specs(getattr(args, "log", None))
+        _logs.check_installed(specs)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
+    if not specs:
+        return None
+    base = _log_base(args, command)
+    backends = []
+    for spec in specs:
+        if spec.kind == "tensorboard":
+            folder = Path(spec.target) if spec.target else base / _logs.TENSORBOARD_SUBDIR
+            check_output_dir("--log tensorboard", str(folder))
+            backends.append(_logs.TensorBoardBackend(folder))
+        else:
+            folder = base  # W&B writes its files in FOLDER/wandb/
+            check_output_dir("--log wandb", str(folder))
+            group = (
+                f"{command}-{config.model}-{config.dataset}-{config.projection}-"
+                f"{time.strftime('%Y%m%d-%H%M%S')}"
             )
-        elif kind == "diverged":
-            self._line(
-                f"  seed {event['seed']} diverged at step {event['step']} (learning rate "
-                f"{event['learning_rate']:g}): it stops updating there"
+            backends.append(
+                _logs.WandbBackend(spec.target, group, folder, command, config.to_dict())
             )
-        elif kind == "run_start":
-            self.stream.write(f"d = {event['dim']} seeds {event['seeds']}\n")
-            self.stream.flush()
-        elif kind == "run_end":
-            self.stream.write(
-                f"d = {event['dim']} done: mean val acc {_fmt(event['val_accuracy'])} "
-                f"in {event['wall_time_s']:.1f}s\n"
+        if args.quiet:
+            continue
+        if spec.kind == "tensorboard":
+            print(f"logging to {folder} (watch: tensorboard --logdir {folder})", file=sys.stderr)
+        elif os.environ.get("WANDB_MODE") == "offline":
+            print(
+                f"logging to W&B offline in {folder / 'wandb'} (upload later: "
+                f"wandb sync {folder / 'wandb'}/offline-run-*)",
+                file=sys.stderr,
             )
-            self.stream.flush()
-        elif kind == "message":
-            self.stream.write(event["text"] + "\n")
-            self.stream.flush()
-
-
-def _fmt(value: float | None) -> str:
-    """A mean over seeds: None (every seed diverged) prints as ``n/a``."""
-    return "n/a" if value is None else f"{value:.4f}"
+        else:
+            print(f"logging to W&B (local files in {folder / 'wandb'})", file=sys.stderr)
+    return _logs.RunLogs(backends)
 
 
 # ------------------------------------------------------------------------------ commands
 
 
+def _checkpoint_options(args, default_dir: Path | None):
+    """The run's :class:`CheckpointOptions` from the flags, or None (checkpointing off).
+
+    On by default when orbax is installed and there is a folder to checkpoint in; a
+    checkpoint flag without orbax (or without a folder) says why it is off on stderr.
+    """
+    from subspace_jax.train import CheckpointOptions
+    from subspace_jax.train._resume import ORBAX_MISSING, available
+
+    if args.no_checkpoints:
+        return None
+    asked = (
+        args.checkpoint_dir is not None
+        or args.checkpoint_every_steps is not None
+        or args.checkpoint_every_minutes is not None
+        or args.keep_checkpoints
+    )
+    if not available():
+        if asked:
+            print(f"note: {ORBAX_MISSING}", file=sys.stderr)
+        return None
+    directory = args.checkpoint_dir or default_dir
+    if directory is None:
+        if asked:
+            print(
+                "note: checkpointing is off: give --out, --json or --checkpoint-dir for the "
+                "checkpoints",
+                file=sys.stderr,
+            )
+        return None
+    return CheckpointOptions(
+        directory=directory,
+        every_steps=args.checkpoint_every_steps,
+        every_minutes=args.checkpoint_every_minutes,
+        keep=args.keep_checkpoints,
+    )
+
+
 def cmd_train(args) -> int:
-    from subspace_jax.train import train_and_evaluate
+    from subspace_jax.train import (
+        check_config,
+        load_data,
+        remove_checkpoints,
+        train_and_evaluate,
+    )
 
     check_outputs(
         {
@@ -536,16 +629,29 @@ def cmd_train(args) -> int:
         inputs=[args.theta0],
     )
     config = _subspace_kind_config(args, config_from_args(args))
+    data = load_data(config)
+    check_config(config, data)  # a batch larger than the training split, no validation split
+    logs = _make_logs(args, "train", config)
     progress = ProgressPrinter(quiet=args.quiet)
+    train_and_evaluate = _logged(train_and_evaluate, progress, logs, config)
     what = f"d = {config.dim} ({config.projection})" if config.dim else "direct"
-    print(
-        f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
-        file=sys.stderr,
-    )
+    if not args.quiet:
+        print(
+            f"training {config.model} on {config.dataset}, {what}, seeds {list(config.seeds)}",
+            file=sys.stderr,
+        )
     written = True
     status = 0
+    default_dir = (
+        Path(args.out) / "checkpoints"
+        if args.out
+        else Path(f"{args.json}.checkpoints")
+        if args.json
+        else None
+    )
+    checkpoint = _checkpoint_options(args, default_dir)
     if args.save_compressed or args.save_params:
-        result, trained = train_and_evaluate(config, progress=progress, return_state=True)
+        result, trained = train_and_evaluate(config, data, progress=progress, checkpoint=checkpoint)
         saved = result["per_seed"][0]
         savers = (
             (
@@ -568,11 +674,13 @@ def cmd_train(args) -> int:
             else:
                 written &= write_or_fallback(path, save)
     else:
-        result = train_and_evaluate(config, progress=progress)
+        result = train_and_evaluate(config, data, progress=progress, checkpoint=checkpoint).result
     if args.out:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
+    if checkpoint is not None and written:
+        remove_checkpoints(checkpoint, config, result["data_fingerprint"])
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
         f"val acc {_fmt(result['val_accuracy'])} (best {_fmt(result['best_val_accuracy'])})  "
@@ -585,6 +693,37 @@ def cmd_train(args) -> int:
     if not written:
         status = status or EXIT_WRITE_FAILED
     return status
+
+
+@contextlib.contextmanager
+def _logging(printer: ProgressPrinter, logs):
+    """The progress callback feeding the printer and the logs; closes both at the end."""
+    from subspace_jax._logs import fan_out
+
+    try:
+        yield fan_out(printer, logs)
+    finally:
+        printer.close()
+        if logs is not None:
+            logs.close()
+
+
+def _logged(train, printer: ProgressPrinter, logs, config):
+    """``train`` (``train_and_evaluate``) whose progress also feeds ``logs``, one logged run
+    (``run_start`` before, ``run_end`` with the result after)."""
+
+    def run(*a, progress=None, **kw):
+        from subspace_jax._logs import run_end_event
+
+        with _logging(printer, logs) as both:
+            if logs is not None:
+                logs({"event": "run_start", "dim": config.dim, "seeds": list(config.seeds)})
+            out = train(*a, progress=both, **kw)
+            if logs is not None:
+                logs(run_end_event(out[0] if isinstance(out, tuple) else out))
+        return out
+
+    return run
 
 
 def _report_divergence(result: dict, *, retry: bool) -> bool:
@@ -649,11 +788,19 @@ def cmd_sweep(args) -> int:
     _check_fraction(args.fraction)
     config = config_from_args(args, dim=0)
     out = Path(args.out)
-    progress = ProgressPrinter(quiet=args.quiet)
+    logs = _make_logs(args, "sweep", config)
+    printer = ProgressPrinter(quiet=args.quiet, total_runs=len(set(dims)) + 1)
     with contextlib.ExitStack() as stack:
         _lock_out(stack, args)
+        progress = stack.enter_context(_logging(printer, logs))
         result = run_sweep(
-            config, dims, out, fraction=args.fraction, metric=args.metric, progress=progress
+            config,
+            dims,
+            out,
+            fraction=args.fraction,
+            metric=args.metric,
+            progress=progress,
+            checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
@@ -701,14 +848,17 @@ def cmd_id(args) -> int:
             raise CLIError(f"--baseline must be 'own' or a number, got {args.baseline!r}") from None
     config = config_from_args(args, dim=0)
     out = Path(args.out)
-    progress = ProgressPrinter(quiet=args.quiet)
-    print(
-        f"searching d_int{round(args.fraction * 100)} of {config.model} on {config.dataset} "
-        f"({config.projection} projection, seeds {list(config.seeds)})",
-        file=sys.stderr,
-    )
+    logs = _make_logs(args, "id", config)
+    printer = ProgressPrinter(quiet=args.quiet)
+    if not args.quiet:
+        print(
+            f"searching d_int{round(args.fraction * 100)} of {config.model} on {config.dataset} "
+            f"({config.projection} projection, seeds {list(config.seeds)})",
+            file=sys.stderr,
+        )
     with contextlib.ExitStack() as stack:
         _lock_out(stack, args)
+        progress = stack.enter_context(_logging(printer, logs))
         result = search_intrinsic_dim(
             config,
             out,
@@ -721,6 +871,7 @@ def cmd_id(args) -> int:
             d_max=args.d_max,
             n_bootstrap=args.bootstrap,
             progress=progress,
+            checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
     written = True
     if args.json:
@@ -799,7 +950,7 @@ def _subspace_kind_config(args, config):
     """Apply the subspace-kind flags of ``train`` to a validated config."""
     import dataclasses
 
-    from subspace_jax.train import LOTTERY, validate_config
+    from subspace_jax.train import LOTTERY, check_config
 
     changes = {
         "burn_in_steps": args.burn_in_steps,
@@ -811,7 +962,7 @@ def _subspace_kind_config(args, config):
             raise CLIError(f"--lottery replaces the projection; got --projection {args.projection}")
         changes["projection"] = LOTTERY
     config = dataclasses.replace(config, **changes)
-    validate_config(config)
+    check_config(config)
     if args.save_compressed and not config.dim:
         raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
     if args.save_compressed and _has_state(config):
@@ -877,17 +1028,61 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from subspace_jax import _results
     from subspace_jax.bench import plot_benchmark, run_benchmark
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
-    from subspace_jax.projections import get_projection
 
     check_outputs({"--json": args.json, "--png": args.png})
     if args.model not in model_names():
         raise CLIError(f"unknown model {args.model!r}; choose one of: {', '.join(model_names())}")
     if args.dataset not in DATASETS:
         raise CLIError(f"unknown dataset {args.dataset!r}; choose one of: {', '.join(DATASETS)}")
+    dims, projections, caps = _bench_grid(args)
+    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
+    bar = CountBar(len(projections) * len(set(dims)), "cells", quiet=args.quiet)
+    if not args.quiet:
+        print(
+            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
+            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
+            file=sys.stderr,
+        )
+    records = run_benchmark(
+        args.model,
+        args.dataset,
+        dims,
+        projections,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        seed=args.seed,
+        memory_budget_bytes=budget,
+        progress=_BenchProgress(args.json, args.quiet, bar),
+        warmup=args.warmup,
+        isolate=args.isolate,
+        max_cell_seconds=args.max_cell_seconds or None,
+        dim_caps=caps,
+        accuracy_steps=args.accuracy_steps,
+        model_overrides={"width": args.width} if args.width is not None else {},
+    )
+    bar.clear()
+    written = True
+    if args.json:
+        written = write_or_fallback(args.json, _json_writer(records))
+    if args.png:
+        for path in plot_benchmark(records, args.png):
+            print(f"plot: {path}", file=sys.stderr)
+    ran = [r for r in records if not r.get("skipped")]
+    print(
+        f"{len(ran)} of {len(records)} cells measured"
+        + (f"; results: {args.json}" if args.json else "")
+    )
+    return 0 if written else EXIT_WRITE_FAILED
+
+
+def _bench_grid(args) -> tuple[list[int | str], list[str], dict[str, int]]:
+    """``--dims`` (integers or ``full``), ``--projections`` and ``--dim-caps`` of ``bench``."""
+    from subspace_jax.projections import get_projection
+
     dims: list[int | str] = []
     for part in args.dims.split(","):
         part = part.strip().lower()
@@ -914,16 +1109,25 @@ def cmd_bench(args) -> int:
                 ) from None
             if int(cap) < 1:
                 raise CLIError(f"--dim-caps {args.dim_caps!r}: a cap must be >= 1, got {cap}")
-    budget = None if args.memory_budget_gb is None else int(args.memory_budget_gb * 2**30)
-    overrides = {"width": args.width} if args.width is not None else {}
-    done: list[dict] = []
+    return dims, projections, caps
 
-    def progress(rec: dict) -> None:
-        done.append(rec)
-        if args.json:
-            _results.write_json(args.json, done)  # partial results survive an interruption
-        if args.quiet:
+
+class _BenchProgress:
+    """Each finished ``bench`` record: the partial ``--json`` rewritten (it survives an
+    interruption) and, unless quiet, one line on stderr."""
+
+    def __init__(self, json_path: str | None, quiet: bool, bar: CountBar):
+        self.json_path, self.quiet, self.done, self.bar = json_path, quiet, [], bar
+
+    def __call__(self, rec: dict) -> None:
+        from subspace_jax import _results
+
+        self.done.append(rec)
+        if self.json_path:
+            _results.write_json(self.json_path, self.done)
+        if self.quiet:
             return
+        self.bar.clear()
         head = f"{rec['projection']:>20s} d = {rec['dim']:>7d}: "
         if rec.get("skipped"):
             line = f"skipped ({rec['skipped']})"
@@ -938,43 +1142,7 @@ def cmd_bench(args) -> int:
             if rec.get("floor_ms") is not None:
                 line += f", floor {rec['floor_ms']:.2f} ms"
         print(head + line, file=sys.stderr, flush=True)
-
-    if not args.quiet:
-        print(
-            f"benchmarking {args.model} on {args.dataset}: {len(projections)} projections x "
-            f"{len(dims)} dims, {args.steps} timed steps, batch {args.batch_size}",
-            file=sys.stderr,
-        )
-    records = run_benchmark(
-        args.model,
-        args.dataset,
-        dims,
-        projections,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        data_dir=args.data_dir,
-        seed=args.seed,
-        memory_budget_bytes=budget,
-        progress=progress,
-        warmup=args.warmup,
-        isolate=args.isolate,
-        max_cell_seconds=args.max_cell_seconds or None,
-        dim_caps=caps,
-        accuracy_steps=args.accuracy_steps,
-        model_overrides=overrides,
-    )
-    written = True
-    if args.json:
-        written = write_or_fallback(args.json, _json_writer(records))
-    if args.png:
-        for path in plot_benchmark(records, args.png):
-            print(f"plot: {path}", file=sys.stderr)
-    ran = [r for r in records if not r.get("skipped")]
-    print(
-        f"{len(ran)} of {len(records)} cells measured"
-        + (f"; results: {args.json}" if args.json else "")
-    )
-    return 0 if written else EXIT_WRITE_FAILED
+        self.bar.advance()
 
 
 def cmd_projections(args) -> int:
@@ -1019,6 +1187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_divergence_args(p)
     p.add_argument("--out", default=None, help="folder for result.json")
     p.add_argument("--json", default=None, help="write the result JSON to this file")
+    _add_log_args(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(
@@ -1045,6 +1214,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="val_accuracy (reaches fraction x baseline) or val_loss (<= baseline / fraction)",
     )
     _add_search_outputs(p, "sweep")
+    _add_log_args(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser(
@@ -1088,6 +1258,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="bootstrap resamples for bootstrap_ci, kept for comparison beside the 95%% "
         "t-interval (0: none)",
     )
+    _add_log_args(p)
     p.set_defaults(func=cmd_id)
 
     p = sub.add_parser(
@@ -1160,25 +1331,43 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    except RuntimeError as e:
-        if "RESOURCE_EXHAUSTED" not in str(e) and "out of memory" not in str(e).lower():
-            raise
-        print(
-            f"error: out of memory ({str(e).splitlines()[0][:200]}): try a smaller --dim, "
-            "fewer --seeds or a matrix-free --projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
-    except MemoryError:
-        print(
-            "error: out of memory: try a smaller --dim, fewer --seeds or a matrix-free "
-            "--projection (fastfood, dense_hash)",
-            file=sys.stderr,
-        )
-        return 1
+    except Exception as e:
+        if is_user_error(e):
+            print(f"error: {e}", file=sys.stderr)
+            return EXIT_BAD_INPUT
+        if _is_out_of_memory(e):
+            print(
+                f"error: out of memory ({_first_line(e)}): try a smaller --dim, fewer --seeds "
+                "or a matrix-free --projection (fastfood, dense_hash)",
+                file=sys.stderr,
+            )
+            return 1
+        traceback.print_exc()
+        print(f"internal error: {REPORT_BUG}", file=sys.stderr)
+        return EXIT_INTERNAL_ERROR
+
+
+def is_user_error(e: BaseException) -> bool:
+    """Whether ``e`` is bad input (one ``error:`` line, exit 2) rather than a bug.
+
+    Bad input is a :class:`~subspace_jax.UserError` (``CLIError``, ``DataError`` and
+    ``CompressedModelError``, a damaged model file, among them) or a missing, misplaced or
+    unreadable file or folder the user named.
+    """
+    return isinstance(e, (UserError, FileNotFoundError, NotADirectoryError, PermissionError))
+
+
+def _is_out_of_memory(e: BaseException) -> bool:
+    if isinstance(e, MemoryError):
+        return True
+    return isinstance(e, RuntimeError) and (
+        "RESOURCE_EXHAUSTED" in str(e) or "out of memory" in str(e).lower()
+    )
+
+
+def _first_line(e: BaseException) -> str:
+    lines = str(e).splitlines()
+    return lines[0][:200] if lines else type(e).__name__
 
 
 if __name__ == "__main__":

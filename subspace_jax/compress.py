@@ -7,7 +7,9 @@ both derived from one seed: ``k_model, k_proj = jax.random.split(jax.random.key(
 ``w`` are enough to rebuild every one of the model's D parameters, bit for bit on the same
 platform (same JAX version and PRNG settings, same backend).
 
-File format (one ``.npz``, written without pickle; docs/compressed-format.md has the details):
+File format (one ``.npz``, written without pickle; docs/compressed-format.md has the details).
+Since version 3 it is :func:`~subspace_jax.save_subspace`'s format, with the built-in model's
+configs added:
 
 * ``header``: UTF-8 JSON as a ``uint8`` array: ``format``, ``version``, the ``seed`` and its
   ``key_rule``, the PRNG settings, the ``platform`` it was saved on, the ``projection`` spec
@@ -15,7 +17,8 @@ File format (one ``.npz``, written without pickle; docs/compressed-format.md has
   (:attr:`~subspace_jax.models.ModelDef.config`), ``train_config``
   (:meth:`~subspace_jax.train.TrainConfig.to_dict`), ``input_shape``, ``theta0_reproducible``,
   ``projection_reproducible``, the arrays ``stored``, ``notes``, and ``params_sha256`` (a
-  digest of the trained parameters, checked on load).
+  digest of the trained parameters, checked on load); version 3 adds ``keys`` (the
+  projection and init keys), ``layout``, ``others``, ``dtypes`` and ``theta0_sha256``.
 * ``w``: float32 ``(d,)``; ``said``: float32 ``(m,)`` for SAID; ``direct_<j>``: directly
   trained leaves, if any.
 * Only when they cannot be regenerated from the key: ``theta0_<j>`` (one per leaf: theta0 came
@@ -42,7 +45,7 @@ regenerates them from the key exactly as :func:`load_compressed` will and compar
 bit with the trained ones; whatever differs is stored.
 
 Example:
-  >>> result, trained = train_and_evaluate(config, data, return_state=True)
+  >>> result, trained = train_and_evaluate(config, data)
   >>> save_compressed("model.npz", result, trained)
   >>> params, info = load_compressed("model.npz")
   >>> compressed_size_report("model.npz")["ratio"]  # full float32 bytes / file bytes
@@ -52,13 +55,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import hmac
 import json
-import os
-import platform
 import warnings
-import zipfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -67,8 +65,35 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subspace_jax._archive import (
+    FORMAT,
+    PROBE_COUNT,
+    PROBE_TOLERANCE,
+    READABLE_VERSIONS,
+    VERSION,
+    CompressedModelError,
+    _probe_distance,  # noqa: F401  (imported from here by the tests)
+    check_arrays,
+    check_fields,
+    check_probe,
+    check_rebuilt,
+    non_finite,
+    params_digest,
+    params_probe,
+    platform_differences,
+    read_archive,
+    trees_equal,
+    write_archive,
+)
 from subspace_jax._checkpoint import load_params, save_params
-from subspace_jax._results import atomic_write
+from subspace_jax._save import (
+    SUBSPACE_FIELDS,
+    need,
+    restored,
+    subspace_arrays,
+    subspace_fields,
+    trainable_from_arrays,
+)
 from subspace_jax._subspace import Layout, Subspace, check_finite, init_from_layout, to_params
 from subspace_jax.models import from_config
 from subspace_jax.projections import get_projection
@@ -84,30 +109,21 @@ from subspace_jax.train import (
 
 PyTree = Any
 
-FORMAT = "subspace-jax-compressed"
-VERSION = 2
-#: Versions this release reads. Version 1 (before file digests) is read with a warning.
-READABLE_VERSIONS = (1, 2)
-#: The zip comment is this prefix and 64 hex digits: the SHA-256 of the file's other bytes.
-DIGEST_PREFIX = b"sha256:"
-_DIGEST_HEX = 64
-_EOCD = b"PK\x05\x06"  # the zip end-of-central-directory record: 22 bytes, then the comment
-_EOCD_SIZE = 22
-#: ``params_probe``: this many random projections, drawn from this numpy seed, in blocks.
-PROBE_COUNT = 8
-PROBE_SEED = 0
-_PROBE_BLOCK = 1 << 20
-#: Rebuilt parameters within this relative distance of the saved ones differ by rounding only
-#: (another platform's summation order, TF32 matmuls); farther ones are another model.
-PROBE_TOLERANCE = 5e-3
 KEY_RULE = (
     "k_model, k_proj = jax.random.split(jax.random.key(seed)); theta0 = model.init(k_model); "
     "projection of group g = init(jax.random.fold_in(k_proj, g), D_g, d_g); computed as "
     "subspace_jax.train.make_init_fn on a batch of one key"
 )
 
+#: Kept for code that imported them from here (they live in :mod:`subspace_jax._archive`).
+_write_archive = write_archive
+_trees_equal = trees_equal
+_non_finite = non_finite
 __all__ = [
     "FORMAT",
+    "PROBE_COUNT",
+    "PROBE_TOLERANCE",
+    "READABLE_VERSIONS",
     "KEY_RULE",
     "VERSION",
     "CompressedModelError",
@@ -122,108 +138,7 @@ __all__ = [
 ]
 
 
-class CompressedModelError(ValueError):
-    """A compressed model that cannot be trusted: empty, truncated, unreadable, altered after
-    saving, incomplete or holding non-finite numbers. The message names the file."""
-
-
 # ------------------------------------------------------------------------------ helpers
-
-
-def _prng_settings() -> dict:
-    return {
-        "impl": str(jax.config.jax_default_prng_impl),
-        "threefry_partitionable": bool(jax.config.jax_threefry_partitionable),
-    }
-
-
-def _platform() -> dict:
-    """What the bit-exactness of the rebuilt parameters depends on, besides the PRNG."""
-    import jaxlib
-
-    from subspace_jax.bench import cpu_model_name
-
-    return {
-        "jax_version": jax.__version__,
-        "jaxlib_version": jaxlib.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": jax.devices()[0].device_kind,
-        "machine": platform.machine(),
-        "cpu": cpu_model_name(),
-    }
-
-
-def _platform_differences(header: Mapping[str, Any]) -> list[str]:
-    """``"name 'saved' -> 'now'"`` for each recorded platform field or PRNG setting that
-    differs (version 1 files record only ``jax_version`` and ``backend``)."""
-    saved = header.get("platform") or {
-        "jax_version": header["jax_version"],
-        "backend": header["backend"],
-    }
-    now = _platform()
-    out = [
-        f"{k} {saved[k]!r} -> {now[k]!r}" for k in sorted(saved) if k in now and saved[k] != now[k]
-    ]
-    if header["prng"] != _prng_settings():
-        out.append(f"PRNG settings {header['prng']} -> {_prng_settings()}")
-    return out
-
-
-def params_digest(params: PyTree) -> str:
-    """SHA-256 of a parameter tree's leaves (flatten order, native bytes, with shapes)."""
-    h = hashlib.sha256()
-    for leaf in jax.tree_util.tree_leaves(params):
-        arr = np.asarray(jax.device_get(leaf))
-        h.update(f"{arr.dtype.str}{arr.shape}".encode())
-        h.update(np.ascontiguousarray(arr).tobytes())
-    return h.hexdigest()
-
-
-def params_probe(params: PyTree) -> dict:
-    """Random projections of a parameter tree, to measure how far another tree is from it.
-
-    The leaves (flatten order) are read as one float64 vector ``theta`` of length D; row k of a
-    ``(PROBE_COUNT, D)`` standard normal matrix V is drawn by
-    ``numpy.random.default_rng(PROBE_SEED)``, block by block (each leaf in blocks of 2**20
-    entries, each block ``standard_normal((PROBE_COUNT, size))``). Since
-    ``E[(v . delta)^2] = ||delta||^2`` for a standard normal v,
-    ``sqrt(mean_k ((V theta)_k - (V theta')_k)^2)`` estimates ``||theta - theta'||``.
-
-    Returns:
-      ``{"values": V theta (PROBE_COUNT floats), "norm": ||theta||}``.
-    """
-    rng = np.random.default_rng(PROBE_SEED)
-    values = np.zeros(PROBE_COUNT)
-    sq = 0.0
-    for leaf in jax.tree_util.tree_leaves(params):
-        flat = np.asarray(jax.device_get(leaf), np.float64).ravel()
-        sq += float(flat @ flat)
-        for start in range(0, flat.size, _PROBE_BLOCK):
-            block = flat[start : start + _PROBE_BLOCK]
-            values += rng.standard_normal((PROBE_COUNT, block.size)) @ block
-    return {"values": [float(v) for v in values], "norm": float(np.sqrt(sq))}
-
-
-def _probe_distance(saved: Mapping[str, Any], params: PyTree) -> float:
-    """Estimated ``||params - saved|| / ||saved||`` from the saved :func:`params_probe`."""
-    now = params_probe(params)
-    diff = np.asarray(now["values"]) - np.asarray(saved["values"], np.float64)
-    return float(np.sqrt(np.mean(diff**2)) / max(float(saved["norm"]), np.finfo(float).tiny))
-
-
-def _trees_equal(a: PyTree, b: PyTree) -> bool:
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    if ta != tb:
-        return False
-    for x, y in zip(la, lb, strict=True):
-        x, y = np.asarray(jax.device_get(x)), np.asarray(jax.device_get(y))
-        if x.shape != y.shape or x.dtype != y.dtype:
-            return False
-        # Compare the bits (NaN-safe, -0.0 != 0.0).
-        if x.tobytes() != y.tobytes():
-            return False
-    return True
 
 
 def train_config_from_dict(d: Mapping[str, Any]) -> TrainConfig:
@@ -343,11 +258,14 @@ def save_compressed(
 ) -> dict:
     """Write one seed of a trained subspace model as a small ``.npz`` file.
 
+    The file is :func:`~subspace_jax.save_subspace`'s (format version 3) with the built-in
+    model's configs added, so :func:`load_compressed` rebuilds it from the file alone.
+
     Args:
       path: output file, written as given (a ``.npz`` name is conventional).
       result_or_config: the result dict of ``train_and_evaluate`` or its ``TrainConfig``.
-      trained: the :class:`~subspace_jax.train.Trained` state (``return_state=True``), batched
-        over the config's seeds.
+      trained: the :class:`~subspace_jax.train.Trained` state (``train_and_evaluate(...)
+        .trained``), batched over the config's seeds.
       seed_index: which seed of the batch to save (``0 <= seed_index < len(seeds)``).
       allow_stored: when theta0 or P cannot be regenerated from the key (a checkpoint or
         burn-in theta0, a lottery P), store them in the file (4 D and 4 D d bytes) instead of
@@ -361,6 +279,39 @@ def save_compressed(
         seed the result reports as diverged, or theta0 / P not reproducible from the key
         while ``allow_stored`` is False.
     """
+    config, seed = _checked_seed(result_or_config, seed_index)
+    sub, trainable, model_config = _seed_state(config, trained, seed_index)
+    regen = _reproducibility(config, model_config, sub, seed)
+    if regen["notes"] and not allow_stored:
+        raise ValueError(
+            "cannot compress to key + w: "
+            + "; ".join(regen["notes"])
+            + ". Pass allow_stored=True (CLI: the file then stores them) or keep the full "
+            "parameters"
+        )
+    arrays, dtypes = subspace_arrays(sub, trainable, {}, regen)
+    bad = non_finite(arrays)
+    if bad:
+        raise ValueError(
+            f"seed {seed} has non-finite values in {', '.join(bad)} (the run diverged): "
+            f"{str(path)!r} was not written"
+        )
+    params = _to_params(sub, trainable)
+    k_model, k_proj = jax.random.split(run_keys([seed])[0])
+    header = {
+        "format": FORMAT,
+        "version": VERSION,
+        **subspace_fields(sub, k_proj, k_model, {}, regen, arrays, dtypes, params),
+        **_model_fields(config, model_config, sub.layout, seed, seed_index),
+    }
+    if isinstance(result_or_config, Mapping) and "per_seed" in result_or_config:
+        header["test_accuracy"] = result_or_config["per_seed"][seed_index].get("test_accuracy")
+    write_archive(path, header, arrays)
+    return header
+
+
+def _checked_seed(result_or_config, seed_index: Any) -> tuple[TrainConfig, int]:
+    """The config and the seed at ``seed_index``, refused if direct, out of range or diverged."""
     config = _config_of(result_or_config)
     if config.dim == 0:
         raise ValueError(
@@ -374,31 +325,42 @@ def save_compressed(
         raise ValueError(f"seed_index must be in [0, {n - 1}] for {n} seeds, got {seed_index}")
     seed = int(config.seeds[seed_index])
     _check_not_diverged(result_or_config, seed_index, seed)
+    return config, seed
+
+
+def _seed_state(config: TrainConfig, trained: Trained, seed_index: int):
+    """``(sub, trainable, model_config)`` of one seed, its layout checked against the config."""
     sub = jax.tree_util.tree_map(lambda x: x[seed_index], trained.subs)
     trainable = jax.tree_util.tree_map(lambda x: x[seed_index], trained.trainables)
     model_config = dict(trained.model.config)
-    layout = sub.layout
     shapes = jax.eval_shape(from_config(model_config).init, jax.random.key(0))
-    expected = config_layout(config, shapes)
-    if expected != layout:
+    if config_layout(config, shapes) != sub.layout:
         raise ValueError(
             "the trained state's subspace layout does not match the config's; pass the config "
             "or result this state was trained with"
         )
+    return sub, trainable, model_config
 
-    # Regenerate from the key and compare bit for bit: store only what differs.
+
+def _reproducibility(config: TrainConfig, model_config: dict, sub: Subspace, seed: int) -> dict:
+    """Regenerate theta0 and P from the key and compare bit for bit: what must be stored.
+
+    Returns:
+      ``{"theta0_ok", "states_ok", "notes"}`` (what :func:`subspace_fields` records).
+    """
+    layout = sub.layout
     if config.projection == LOTTERY:
         # P comes from a trajectory, never from the key: regenerate theta0 only.
         regen = _regenerate(model_config, layout, seed, proj_states=sub.proj_states)
-        theta0_ok = _trees_equal(regen.theta0, sub.theta0)
+        theta0_ok = trees_equal(regen.theta0, sub.theta0)
         proj_ok = False
     else:
         regen = _regenerate(model_config, layout, seed)
-        theta0_ok = _trees_equal(regen.theta0, sub.theta0)
+        theta0_ok = trees_equal(regen.theta0, sub.theta0)
         if not theta0_ok:
             # The loader will draw P through the stored theta0: check that very computation.
             regen = _regenerate(model_config, layout, seed, theta0=sub.theta0)
-        proj_ok = _trees_equal(regen.proj_states, sub.proj_states)
+        proj_ok = trees_equal(regen.proj_states, sub.proj_states)
     notes = []
     if not theta0_ok:
         notes.append(
@@ -411,44 +373,15 @@ def save_compressed(
         else:
             what = "the projection differs from the one regenerated from the key"
         notes.append(f"{what}; P is stored in the file (4 D d bytes)")
-    if notes and not allow_stored:
-        raise ValueError(
-            "cannot compress to key + w: "
-            + "; ".join(notes)
-            + ". Pass allow_stored=True (CLI: the file then stores them) or keep the full "
-            "parameters"
-        )
+    return {"theta0_ok": theta0_ok, "states_ok": proj_ok, "notes": notes}
 
-    arrays: dict[str, np.ndarray] = {"w": np.asarray(jax.device_get(trainable["w"]), np.float32)}
-    if "said" in trainable:
-        arrays["said"] = np.asarray(jax.device_get(trainable["said"]), np.float32)
-    for j, leaf in enumerate(trainable["direct"]):
-        arrays[f"direct_{j}"] = np.asarray(jax.device_get(leaf))
-    if not theta0_ok:
-        for j, leaf in enumerate(jax.tree_util.tree_leaves(sub.theta0)):
-            arrays[f"theta0_{j}"] = np.asarray(jax.device_get(leaf))
-    if not proj_ok:
-        for g, state in enumerate(sub.proj_states):
-            for k, leaf in enumerate(jax.tree_util.tree_leaves(state)):
-                arrays[f"proj_{g}_{k}"] = np.asarray(jax.device_get(leaf))
-    bad = _non_finite(arrays)
-    if bad:
-        raise ValueError(
-            f"seed {seed} has non-finite values in {', '.join(bad)} (the run diverged): "
-            f"{str(path)!r} was not written"
-        )
 
-    params = _to_params(sub, trainable)
-    header = {
-        "format": FORMAT,
-        "version": VERSION,
+def _model_fields(config, model_config, layout: Layout, seed: int, seed_index: int) -> dict:
+    """The header fields of a built-in model: seed, key rule, configs, projection summary."""
+    return {
         "seed": seed,
         "seed_index": int(seed_index),
         "key_rule": KEY_RULE,
-        "prng": _prng_settings(),
-        "jax_version": jax.__version__,
-        "backend": jax.default_backend(),
-        "platform": _platform(),
         "projection": {
             "name": config.projection,
             "per_layer": bool(config.per_layer),
@@ -461,105 +394,7 @@ def save_compressed(
         "model_config": model_config,
         "train_config": config.to_dict(),
         "input_shape": list(model_config["input_shape"]),
-        "num_params": int(layout.num_params),
-        "theta0_reproducible": bool(theta0_ok),
-        "projection_reproducible": bool(proj_ok),
-        "stored": sorted(arrays),
-        "notes": notes,
-        "params_sha256": params_digest(params),
-        "params_probe": params_probe(params),
     }
-    if isinstance(result_or_config, Mapping) and "per_seed" in result_or_config:
-        header["test_accuracy"] = result_or_config["per_seed"][seed_index].get("test_accuracy")
-    _write_archive(path, header, arrays)
-    return header
-
-
-def _non_finite(arrays: Mapping[str, np.ndarray]) -> list[str]:
-    """Names of the floating-point arrays holding a NaN or an infinity, with their counts."""
-    out = []
-    for name in sorted(arrays):
-        a = arrays[name]
-        if np.issubdtype(a.dtype, np.inexact):
-            n = int(a.size - np.count_nonzero(np.isfinite(a)))
-            if n:
-                out.append(f"{name} ({n} of {a.size})")
-    return out
-
-
-def _write_archive(path: str | Path, header: Mapping[str, Any], arrays: Mapping[str, Any]) -> None:
-    """Write ``header`` and ``arrays`` as a digest-sealed ``.npz``, atomically.
-
-    The low-level writer behind :func:`save_compressed` (tests use it to build altered files
-    that still carry a valid digest). The archive is written to a temporary file beside
-    ``path``; its zip comment is set to ``sha256:`` and the hex SHA-256 of every byte before
-    those 64 digits; the file is fsynced and renamed to ``path``. On any failure ``path`` is
-    left as it was and the temporary file is removed.
-
-    Args:
-      path: the destination; its folder must exist.
-      header: the JSON header (stored as the ``uint8`` array ``header``).
-      arrays: the other arrays, by name.
-    """
-    raw = np.frombuffer(json.dumps(dict(header), sort_keys=True).encode("utf-8"), np.uint8)
-    with atomic_write(path, "w+b") as f:
-        np.savez(f, header=raw, **arrays)
-        with zipfile.ZipFile(f, "a") as zf:
-            zf.comment = DIGEST_PREFIX + b"0" * _DIGEST_HEX  # a placeholder of the final size
-        size = f.seek(0, os.SEEK_END)
-        digest = _sha256_of_prefix(f, size - _DIGEST_HEX)
-        f.seek(size - _DIGEST_HEX)
-        f.write(digest.encode("ascii"))
-
-
-def _sha256_of_prefix(f, n: int) -> str:
-    """Hex SHA-256 of the first ``n`` bytes of the open binary file ``f`` (moves its position)."""
-    h = hashlib.sha256()
-    f.seek(0)
-    left = n
-    while left > 0:
-        chunk = f.read(min(left, 1 << 20))
-        if not chunk:
-            raise EOFError("file shorter than expected")
-        h.update(chunk)
-        left -= len(chunk)
-    return h.hexdigest()
-
-
-def _check_digest(f, size: int, name: str) -> bool:
-    """Verify the file digest in the zip comment of the open file ``f`` of ``size`` bytes.
-
-    Returns:
-      True when the digest is present and matches; False for a complete zip archive without a
-      comment (a file written before digests, or by hand).
-
-    Raises:
-      CompressedModelError: a digest that does not match, or an end that is neither.
-    """
-    tail_len = _EOCD_SIZE + len(DIGEST_PREFIX) + _DIGEST_HEX
-    f.seek(max(0, size - tail_len))
-    tail = f.read()
-    if len(tail) >= _EOCD_SIZE and tail[-_EOCD_SIZE:][:4] == _EOCD and tail[-2:] == b"\0\0":
-        return False
-    comment_len = len(DIGEST_PREFIX) + _DIGEST_HEX
-    if (
-        len(tail) == tail_len
-        and tail[:4] == _EOCD
-        and int.from_bytes(tail[_EOCD_SIZE - 2 : _EOCD_SIZE], "little") == comment_len
-        and tail[_EOCD_SIZE:].startswith(DIGEST_PREFIX)
-    ):
-        stored = tail[-_DIGEST_HEX:]
-        actual = _sha256_of_prefix(f, size - _DIGEST_HEX).encode("ascii")
-        if not hmac.compare_digest(stored, actual):
-            raise CompressedModelError(
-                f"compressed model {name} is damaged or was altered after saving: its SHA-256 "
-                "does not match the digest stored in it"
-            )
-        return True
-    raise CompressedModelError(
-        f"compressed model {name} is incomplete or not a subspace-jax compressed model: it does "
-        "not end with a zip archive's end record and digest (a truncated or partly written file?)"
-    )
 
 
 #: Header fields every readable file has, with their JSON types.
@@ -584,18 +419,6 @@ _HEADER_FIELDS = {
 _PROJECTION_FIELDS = {"groups": list, "dim": int}
 
 
-def _check_fields(header: Mapping[str, Any], fields: Mapping[str, type], name: str, where: str):
-    for key, kind in fields.items():
-        if key not in header:
-            raise CompressedModelError(f"compressed model {name}: the {where} lacks {key!r}")
-        value = header[key]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            raise CompressedModelError(
-                f"compressed model {name}: the {where}'s {key!r} is {type(value).__name__} "
-                f"{value!r:.60}, expected {kind.__name__}"
-            )
-
-
 def _read(path: str | Path) -> tuple[dict, dict[str, np.ndarray], bool]:
     """The verified header and arrays of a compressed model, and whether it had a digest.
 
@@ -603,73 +426,18 @@ def _read(path: str | Path) -> tuple[dict, dict[str, np.ndarray], bool]:
       FileNotFoundError: no such file.
       CompressedModelError: anything wrong with the file (see the module docstring).
     """
-    path = Path(path)
+    header, arrays, has_digest = read_archive(path)
     name = repr(str(path))
-    if not path.exists():
-        raise FileNotFoundError(f"compressed model {name} does not exist")
-    if not path.is_file():
-        raise CompressedModelError(f"compressed model {name} is not a file")
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            raise CompressedModelError(
-                f"compressed model {name} is empty (0 bytes): an interrupted save? Save it again"
-            )
-        has_digest = _check_digest(f, size, name)
-        f.seek(0)
-        try:
-            z = np.load(f, allow_pickle=False)
-            if not isinstance(z, np.lib.npyio.NpzFile):
-                raise ValueError("a single array, not an .npz archive")
-            with z:
-                arrays = {k: z[k] for k in z.files}
-        except Exception as e:  # any failure to parse these bytes is the file's fault
-            raise CompressedModelError(
-                f"cannot read compressed model {name} (.npz): {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}"
-            ) from None
-    if "header" not in arrays:
-        raise CompressedModelError(f"{name} is not a subspace-jax compressed model (no header)")
-    try:
-        header = json.loads(arrays.pop("header").tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CompressedModelError(f"compressed model {name} has a corrupt header: {e}") from None
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-        fmt = header.get("format") if isinstance(header, dict) else None
-        raise CompressedModelError(f"{name} is not a {FORMAT} file (format {fmt!r})")
-    version = header.get("version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
-        raise CompressedModelError(
-            f"{name} has format version {version!r}; this subspace-jax reads versions "
-            f"{', '.join(map(str, READABLE_VERSIONS))}"
-        )
-    if version >= 2 and not has_digest:
-        raise CompressedModelError(
-            f"compressed model {name} has no digest (format version {version} files end with "
-            "one): it was rewritten by another tool or damaged; it cannot be verified"
-        )
-    _check_fields(header, _HEADER_FIELDS, name, "header")
-    _check_fields(header["projection"], _PROJECTION_FIELDS, name, "header's projection")
+    version = header["version"]
+    check_fields(header, _HEADER_FIELDS, name, "header")
+    check_fields(header["projection"], _PROJECTION_FIELDS, name, "header's projection")
     if version >= 2:
-        _check_fields(header, {"params_probe": dict}, name, "header")
-        probe = header["params_probe"]
-        _check_fields(probe, {"values": list, "norm": float}, name, "header's params_probe")
-        if len(probe["values"]) != PROBE_COUNT or not all(
-            isinstance(v, float) for v in probe["values"]
-        ):
-            raise CompressedModelError(
-                f"compressed model {name}: the header's params_probe values are not "
-                f"{PROBE_COUNT} numbers"
-            )
-    missing = sorted(set(header["stored"]) - set(arrays))
-    if missing:
-        raise CompressedModelError(f"compressed model {name} lacks the arrays {missing}")
-    bad = _non_finite(arrays)
-    if bad:
-        raise CompressedModelError(
-            f"compressed model {name} has non-finite values in {', '.join(bad)}: it was saved "
-            "from a diverged run"
-        )
+        check_probe(header, name)
+    if version >= 3:
+        check_fields(header, SUBSPACE_FIELDS, name, "header")
+    check_arrays(header, arrays, name)
+    if version >= 3:
+        arrays = {k: restored(a, header["dtypes"].get(k, a.dtype.name)) for k, a in arrays.items()}
     if not has_digest:
         warnings.warn(
             f"{name} is a format version {version} file, written before file digests: only "
@@ -685,7 +453,7 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
 
     theta0 and the projections are regenerated from the stored seed and configs (or read from
     the file where they were stored), then ``theta = theta0 + P w`` is evaluated with the same
-    jitted :func:`~subspace_jax.to_params` as at save time.
+    jitted :func:`~subspace_jax.to_params` as at save time. Reads format versions 1 to 3.
 
     Args:
       path: a file written by :func:`save_compressed`.
@@ -714,6 +482,29 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     """
     header, arrays, has_digest = _read(path)
     name = repr(str(path))
+    layout = _header_layout(header, name)
+    sub = _regenerate(
+        header["model_config"],
+        layout,
+        int(header["seed"]),
+        theta0=_stored_theta0(header, arrays, layout, name),
+        proj_states=_stored_projections(header, arrays, layout, name),
+    )
+    trainable = trainable_from_arrays(arrays, layout, name)
+    params = _to_params(sub, trainable)
+    info = dict(header)
+    info["params_match"] = params_digest(params) == header["params_sha256"]
+    info["params_distance"] = 0.0
+    info["digest_verified"] = has_digest
+    info["platform_differences"] = diffs = platform_differences(header)
+    info["file_bytes"] = Path(path).stat().st_size
+    if not info["params_match"]:
+        check_rebuilt(name, header, params, diffs, info)
+    return params, info
+
+
+def _header_layout(header: dict, name: str) -> Layout:
+    """The subspace layout of the header's configs, checked against its projection groups."""
     try:
         config = train_config_from_dict(header["train_config"])
         model = from_config(header["model_config"])
@@ -728,109 +519,37 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
             f"compressed model {name}: the subspace layout rebuilt from the configs does not "
             "match the file's projection groups (a file from another version?)"
         )
+    return layout
 
-    def need(key):
-        if key not in arrays:
-            raise CompressedModelError(f"compressed model {name} lacks the array {key!r}")
-        return arrays[key]
 
-    theta0 = None
-    if not header["theta0_reproducible"]:
-        leaves = [jnp.asarray(need(f"theta0_{j}")) for j in range(len(layout.spec.leaves))]
-        theta0 = jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
-    proj_states = None
-    if not header["projection_reproducible"]:
-        proj_states = []
-        for g, grp in enumerate(layout.groups):
-            proj = get_projection(grp.projection)
-            template = jax.eval_shape(
-                lambda key, p=proj, g=grp: p.init(key, g.size, g.dim), jax.random.key(0)
-            )
-            leaves, treedef = jax.tree_util.tree_flatten(template)
-            got = [jnp.asarray(need(f"proj_{g}_{k}")) for k in range(len(leaves))]
-            for k, (t, a) in enumerate(zip(leaves, got, strict=True)):
-                if tuple(t.shape) != a.shape:
-                    raise CompressedModelError(
-                        f"compressed model {name}: proj_{g}_{k} has shape {a.shape}, expected "
-                        f"{t.shape}"
-                    )
-            proj_states.append(jax.tree_util.tree_unflatten(treedef, got))
-    sub = _regenerate(
-        header["model_config"],
-        layout,
-        int(header["seed"]),
-        theta0=theta0,
-        proj_states=proj_states,
-    )
-    w = jnp.asarray(need("w"))
-    if w.shape != (layout.dim,):
-        raise CompressedModelError(
-            f"compressed model {name}: w has shape {w.shape}, expected ({layout.dim},)"
+def _stored_theta0(header: dict, arrays: dict, layout: Layout, name: str) -> PyTree | None:
+    """theta0 from the file's ``theta0_<j>`` arrays (None when it is regenerated)."""
+    if header["theta0_reproducible"]:
+        return None
+    n = len(layout.spec.leaves)
+    leaves = [jnp.asarray(need(arrays, f"theta0_{j}", name)) for j in range(n)]
+    return jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
+
+
+def _stored_projections(header: dict, arrays: dict, layout: Layout, name: str) -> list | None:
+    """The projection states from the file's ``proj_<g>_<k>`` (None when regenerated)."""
+    if header["projection_reproducible"]:
+        return None
+    proj_states = []
+    for g, grp in enumerate(layout.groups):
+        proj = get_projection(grp.projection)
+        template = jax.eval_shape(
+            lambda key, p=proj, g=grp: p.init(key, g.size, g.dim), jax.random.key(0)
         )
-    trainable = {
-        "w": w,
-        "direct": tuple(jnp.asarray(need(f"direct_{j}")) for j in range(len(layout.direct_leaves))),
-    }
-    if layout.said:
-        trainable["said"] = jnp.asarray(need("said"))
-    try:
-        params = _to_params(sub, trainable)
-    except (TypeError, ValueError) as e:  # a direct leaf or SAID vector of the wrong shape
-        raise CompressedModelError(
-            f"compressed model {name}: its arrays do not fit the model ({e})"
-        ) from None
-    info = dict(header)
-    info["params_match"] = params_digest(params) == header["params_sha256"]
-    info["params_distance"] = 0.0
-    info["digest_verified"] = has_digest
-    info["platform_differences"] = diffs = _platform_differences(header)
-    info["file_bytes"] = Path(path).stat().st_size
-    if not info["params_match"]:
-        _check_rebuilt(name, header, params, diffs, info)
-    return params, info
-
-
-def _check_rebuilt(name: str, header: dict, params: PyTree, diffs: list[str], info: dict):
-    """Rebuilt parameters that are not bit-equal to the saved ones: rounding or another model?
-
-    With a probe (version 2): rounding (within :data:`PROBE_TOLERANCE`) is a warning, which
-    names the platform differences if there are any; more is an error. Without one (version
-    1): an error on the saving platform, a warning elsewhere.
-    """
-    where = f"saved on another platform ({'; '.join(diffs)})" if diffs else ""
-    info["params_distance"] = None  # unknown without a probe
-    if "params_probe" in header:
-        dist = _probe_distance(header["params_probe"], params)
-        info["params_distance"] = dist
-        if dist > PROBE_TOLERANCE:
-            why = (
-                f"this platform does not rebuild the saved model: it was {where}; load it "
-                f"with JAX {header['jax_version']} on {header['backend']}"
-                if diffs
-                else "its seed, configs or arrays were altered after saving"
-            )
-            raise CompressedModelError(
-                f"compressed model {name}: the parameters rebuilt from it are another model "
-                f"(relative distance {dist:.2g} from the saved ones): {why}"
-            )
-        warnings.warn(
-            f"{name}: the rebuilt parameters differ from the saved ones by rounding only "
-            f"(relative distance {dist:.1e})" + (f"; {where}" if diffs else ""),
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return
-    if not diffs:
-        raise CompressedModelError(
-            f"compressed model {name}: the parameters rebuilt from it differ from the saved "
-            "ones on the platform it was saved on (same JAX, backend and PRNG settings): its "
-            "seed, configs or arrays were altered after saving"
-        )
-    warnings.warn(
-        f"{name}: the rebuilt parameters differ from the saved ones; {where}",
-        RuntimeWarning,
-        stacklevel=3,
-    )
+        leaves, treedef = jax.tree_util.tree_flatten(template)
+        got = [jnp.asarray(need(arrays, f"proj_{g}_{k}", name)) for k in range(len(leaves))]
+        for k, (t, a) in enumerate(zip(leaves, got, strict=True)):
+            if tuple(t.shape) != a.shape:
+                raise CompressedModelError(
+                    f"compressed model {name}: proj_{g}_{k} has shape {a.shape}, expected {t.shape}"
+                )
+        proj_states.append(jax.tree_util.tree_unflatten(treedef, got))
+    return proj_states
 
 
 def compressed_size_report(path: str | Path, num_params: int | None = None) -> dict:

@@ -149,7 +149,7 @@ def _digits(n_train=64):
 
 def _check_state_moved_and_span(config, data, *, check_span=True):
     """Train, then: the statistics moved, and theta - theta0 = sum_j w_j P e_j exactly."""
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     assert not result["diverged"]
     sub = jax.tree_util.tree_map(lambda a: a[0], trained.subs)
     trainable = jax.tree_util.tree_map(lambda a: a[0], trained.trainables)
@@ -162,11 +162,11 @@ def _check_state_moved_and_span(config, data, *, check_span=True):
     # The statistics are not projected: D counts params only; w moved.
     assert sub.layout.num_params == trained.model.num_params
     if layout_dim := sub.layout.dim:
-        assert layout_dim == inner["w"].shape[0] and float(jnp.abs(inner["w"]).max()) > 0
+        assert layout_dim == inner.w.shape[0] and float(jnp.abs(inner.w).max()) > 0
     else:  # direct training: every parameter leaf is trained as itself
         moved = [
             not np.allclose(a, b)
-            for a, b in zip(inner["direct"], jax.tree_util.tree_leaves(sub.theta0), strict=True)
+            for a, b in zip(inner.direct, jax.tree_util.tree_leaves(sub.theta0), strict=True)
         ]
         assert len(moved) == len(sub.layout.spec.leaves) and any(moved)
     if not check_span:
@@ -174,7 +174,7 @@ def _check_state_moved_and_span(config, data, *, check_span=True):
     layout = sub.layout
     theta = sj.to_params(sub, inner)
     # Column decomposition of P w, group by group (independent of to_params' bookkeeping).
-    w = np.asarray(inner["w"])
+    w = np.asarray(inner.w)
     delta = []
     for g, st in zip(layout.groups, sub.proj_states, strict=True):
         proj = sj.get_projection(g.projection)
@@ -279,7 +279,7 @@ def test_vit_trains_in_subspace(kind):
         max_steps=2,
         model_overrides=TINY_VIT,
     )
-    result = train_and_evaluate(config, _digits())
+    result, _ = train_and_evaluate(config, _digits())
     assert not result["diverged"] and result["dim"] == 50
 
 
@@ -309,7 +309,7 @@ def test_classes_config_builds_a_k_class_model():
     config = TrainConfig(
         model="mlp_small", dataset="digits", epochs=1, max_steps=2, classes=(5, 6, 7, 8, 9)
     )
-    result, trained = train_and_evaluate(config, return_state=True)
+    result, trained = train_and_evaluate(config)
     assert trained.model.config["num_classes"] == 5
     assert result["config"]["classes"] == [5, 6, 7, 8, 9]
     # The default config's dict (and so the sweep's reuse key) is unchanged by the new fields.
@@ -336,7 +336,7 @@ def test_reinit_head_trains_the_head_directly_from_a_checkpoint(tmp_path):
         classes=(0, 1, 2, 3, 4),
     )
     pre_data = select_classes(data, pre.classes)
-    _, trained = train_and_evaluate(pre, pre_data, return_state=True)
+    _, trained = train_and_evaluate(pre, pre_data)
     ckpt = save_params(tmp_path / "pre.npz", first_seed_variables(trained))
     five_way = build_model("resnet20", MNIST, 5, **TINY_RESNET)
     stored = load_params(ckpt, jax.eval_shape(five_way.init, jax.random.key(0)))
@@ -351,7 +351,7 @@ def test_reinit_head_trains_the_head_directly_from_a_checkpoint(tmp_path):
         reinit_head=True,
         seeds=(0, 1),
     )
-    result, tuned = train_and_evaluate(fine, select_classes(data, fine.classes), return_state=True)
+    result, tuned = train_and_evaluate(fine, select_classes(data, fine.classes))
     assert result["dim"] == 30  # the head is not counted
     layout = jax.tree_util.tree_map(lambda a: a[0], tuned.subs).layout
     head_leaves = [leaf.path for leaf in layout.spec.leaves if leaf.path.startswith("params/head")]
@@ -372,7 +372,7 @@ def test_reinit_head_trains_the_head_directly_from_a_checkpoint(tmp_path):
     assert not np.allclose(h0, stored["params"]["head"]["kernel"])
     # The head moved (trained directly) and is not theta0 + P w.
     inner, _ = split_state(jax.tree_util.tree_map(lambda a: a[0], tuned.trainables))
-    assert not np.allclose(inner["direct"][1], h0)
+    assert not np.allclose(inner.direct[1], h0)
 
 
 # ------------------------------------------------------------------------ real CIFAR-10
@@ -409,7 +409,7 @@ def test_done_when_resnet20_cifar10_fastfood_2000():
     result, sub, inner, _ = _check_state_moved_and_span(config, data, check_span=False)
     assert result["num_params"] == 269_722 and result["dim"] == 2000
     (group,) = sub.layout.groups
-    delta = sj.get_projection(group.projection).apply(sub.proj_states[0], inner["w"])
+    delta = sj.get_projection(group.projection).apply(sub.proj_states[0], inner.w)
     theta, theta0 = sj.to_params(sub, inner)["params"], sub.theta0["params"]
     moved = np.concatenate(
         [
@@ -487,8 +487,8 @@ def test_save_params_then_theta0_with_reinit_head(tmp_path):
 @pytest.mark.slow
 def test_augment_changes_training_deterministically():
     base = TrainConfig(model="mlp_small", dataset="digits", epochs=1, max_steps=4, batch_size=32)
-    plain = train_and_evaluate(base)
-    aug = [train_and_evaluate(dataclasses.replace(base, augment=True)) for _ in range(2)]
+    plain = train_and_evaluate(base).result
+    aug = [train_and_evaluate(dataclasses.replace(base, augment=True)).result for _ in range(2)]
     assert aug[0]["history"][0]["train_loss"] == aug[1]["history"][0]["train_loss"]
     assert aug[0]["history"][0]["train_loss"] != plain["history"][0]["train_loss"]
     assert aug[0]["config"]["augment"] is True

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 from subspace_jax import bench, cli
+from subspace_jax.bench import _plan as bench_plan
+from subspace_jax.bench import _run as bench_run
 from subspace_jax.projections import get_projection
 
 TINY = {"model_overrides": {"width": 2}, "steps": 2, "warmup": 1, "batch_size": 8}
@@ -89,10 +91,10 @@ def test_a_process_that_dies_becomes_a_reason(tmp_path):
         "steps": 1,
         "cells": [{"projection": "dense", "dim": 2}],
     }
-    got, why = bench._run_isolated(spec, tmp_path, "bad", timeout_s=300)
+    got, why = bench_run._run_isolated(spec, tmp_path, "bad", timeout_s=300)
     assert got == []
     assert why.startswith("process failed (exit 1)") and "no_such_model" in why
-    got, why = bench._run_isolated(spec, tmp_path, "slow", timeout_s=0.01)
+    got, why = bench_run._run_isolated(spec, tmp_path, "slow", timeout_s=0.01)
     assert got == [] and why == "timed out after 0s"
 
 
@@ -118,7 +120,7 @@ def test_a_killed_process_skips_its_cell_and_the_rest_run_again(monkeypatch):
         # Dies (as if killed for memory) in its second cell.
         return subprocess.CompletedProcess(cmd, -9 if len(spec["cells"]) > 1 else 0)
 
-    monkeypatch.setattr(bench.subprocess, "run", fake_run)
+    monkeypatch.setattr(subprocess, "run", fake_run)
     recs = bench.run_benchmark(
         "mlp_small", "digits", [4, 2, 3], ["dense"], isolate="projection",
         memory_budget_bytes=10**9, **TINY,
@@ -140,7 +142,7 @@ def test_cli_records_skip_reasons_json_and_png(tmp_path, capsys, monkeypatch):
     # A budget the stored dense matrix fits in at d = 8 but not at d = D.
     budget = bench.WORKING_FACTOR * get_projection("dense").state_bytes(D_TINY, 8)
     # Make the cost model call the regenerated projection hopelessly slow.
-    monkeypatch.setitem(bench._COST["cpu"], "regen", (1e9, 0.0, 0.0))
+    monkeypatch.setitem(bench_plan._COST["cpu"], "regen", (1e9, 0.0, 0.0))
     names = ("dense", "dense_hash", "dense_regen", "orthogonal")
     out = tmp_path / "bench.json"
     png = tmp_path / "bench.png"

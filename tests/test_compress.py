@@ -61,7 +61,7 @@ def seed_slice(tree, i=0):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     data = load_data(CONFIG)
-    result, trained = train_and_evaluate(CONFIG, data, return_state=True)
+    result, trained = train_and_evaluate(CONFIG, data)
     path = tmp_path_factory.mktemp("compressed") / "model.npz"
     header = save_compressed(path, result, trained)
     return data, result, trained, path, header
@@ -107,7 +107,7 @@ def test_file_is_small_and_header_complete(run):
     assert [g["size"] for g in proj["groups"]] == [D]
     with np.load(path, allow_pickle=False) as z:
         assert z["w"].dtype == np.float32 and z["w"].shape == (50,)
-        np.testing.assert_array_equal(z["w"], np.asarray(trained.trainables["w"][0]))
+        np.testing.assert_array_equal(z["w"], np.asarray(trained.trainables.w[0]))
 
 
 def test_second_seed_of_a_batch(run, tmp_path):
@@ -235,15 +235,15 @@ def test_save_is_sealed_by_a_sha256_of_the_file_and_written_atomically(run, tmp_
     assert stat.S_IMODE(path.stat().st_mode) == 0o644
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.npz"]  # no temporary file left
     header, _ = read_archive(path)
-    assert header["version"] == 2 and header["platform"]["jax_version"] == jax.__version__
+    assert header["version"] == 3 and header["platform"]["jax_version"] == jax.__version__
     _, info = load_compressed(path)
     assert info["digest_verified"] and info["params_match"] and info["platform_differences"] == []
 
 
 def test_a_diverged_run_is_not_saved(run, tmp_path):
     _, result, trained, _, _ = run
-    w = trained.trainables["w"].at[0, 3].set(jnp.nan)
-    bad = Trained(trained.model, trained.subs, {**trained.trainables, "w": w})
+    w = trained.trainables.w.at[0, 3].set(jnp.nan)
+    bad = Trained(trained.model, trained.subs, trained.trainables._replace(w=w))
     with pytest.raises(ValueError, match=r"non-finite values in w \(1 of 50\)"):
         save_compressed(tmp_path / "nan.npz", result, bad)
     assert not (tmp_path / "nan.npz").exists() and list(tmp_path.iterdir()) == []
@@ -409,3 +409,15 @@ def test_params_probe_estimates_the_relative_distance(run):
         moved = jax.tree.map(lambda x, s=scale: x + s * rng.standard_normal(x.shape), params)
         # sqrt(chi2_8 / 8) lies in [0.4, 1.8] with probability > 0.999.
         assert 0.4 * rel < _probe_distance(probe, moved) < 1.8 * rel
+
+
+def test_a_compressed_model_is_a_save_subspace_file(run):
+    """Format version 3: load_subspace reads the CLI's file with the model's own init."""
+    _, _, trained, path, header = run
+    assert header["version"] == 3
+    assert header["layout"]["groups"][0]["projection"] == {"name": "dense", "options": {}}
+    model = from_config(header["model_config"])
+    sub, t, info = sj.load_subspace(path, model.init)
+    assert info["params_match"]
+    want = jax.jit(sj.to_params)(seed_slice(trained.subs), seed_slice(trained.trainables))
+    assert bits_equal(jax.jit(sj.to_params)(sub, t), want)

@@ -571,7 +571,16 @@ def test_data_package_imports_no_jax_or_tensorflow():
                 assert top not in {"jax", "flax", "optax", "tensorflow", "tensorflow_datasets"}, (
                     f"{path.name} imports {name}"
                 )
-                assert not name.startswith("subspace_jax.") or name.startswith("subspace_jax.data")
+                # The data layer sees only itself and UserError (a leaf module, checked below).
+                ours = name.startswith(("subspace_jax.data", "subspace_jax._errors"))
+                assert not name.startswith("subspace_jax.") or ours, f"{path.name} imports {name}"
+    errors = Path(sd.__file__).parents[1] / "_errors.py"
+    for node in ast.walk(ast.parse(errors.read_text())):
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = (
+                [node.module] if isinstance(node, ast.ImportFrom) else [a.name for a in node.names]
+            )
+            assert all(n in {"__future__", "contextlib", "collections.abc"} for n in names), names
 
 
 # --- real data (../shared/data) -----------------------------------------------------------------

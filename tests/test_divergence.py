@@ -73,7 +73,7 @@ def test_guarded_step_is_bit_identical_to_the_plain_step_while_finite(data):
     def start():
         keys = jax.random.split(jax.random.key(0), 2)
         subs = jax.vmap(lambda k: sj.init_subspace(k, model.init(k), 30))(keys)
-        ts = jax.tree_util.tree_map(jnp.copy, jax.vmap(sj.init_trainable)(subs))
+        ts = jax.vmap(sj.init_trainable)(subs)
         return subs, ts, jax.vmap(opt.init)(ts)
 
     subs, ta, oa = start()
@@ -84,7 +84,7 @@ def test_guarded_step_is_bit_identical_to_the_plain_step_while_finite(data):
         ta, oa, la, _ = plain(subs, ta, oa, x, y)
         tb, ob, div, lb, _ = guarded(subs, tb, ob, div, x, y)
         np.testing.assert_array_equal(np.asarray(la), np.asarray(lb))
-    np.testing.assert_array_equal(np.asarray(ta["w"]), np.asarray(tb["w"]))
+    np.testing.assert_array_equal(np.asarray(ta.w), np.asarray(tb.w))
     assert np.asarray(div.at).tolist() == [0, 0]
 
 
@@ -112,7 +112,7 @@ def one_diverged(data):
             config = dataclasses.replace(SMALL, dim=dim, seeds=(0, 1))
             cache[dim] = (
                 config,
-                *train_and_evaluate(config, data, theta0_fn=_blow_up_theta0(1), return_state=True),
+                *train_and_evaluate(config, data, theta0_fn=_blow_up_theta0(1)),
             )
         return cache[dim]
 
@@ -125,7 +125,7 @@ def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(
     data, one_diverged, dim, tmp_path
 ):
     config, result, trained = one_diverged(dim)
-    clean = train_and_evaluate(config, data, theta0_fn=_blow_up_theta0(1, scale=1.0))
+    clean = train_and_evaluate(config, data, theta0_fn=_blow_up_theta0(1, scale=1.0)).result
     s0, s1 = result["per_seed"]
     assert (s0["diverged"], s0["diverged_step"]) == (False, None)
     assert (s1["diverged"], s1["diverged_step"]) == (True, 1)  # 1-based: the first step
@@ -140,10 +140,10 @@ def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(
     # Seed 1 never moved: its trainable is still its start (w = 0, or the blown-up theta0).
     if dim == 0:
         theta0 = jax.tree_util.tree_leaves(trained.subs.theta0)
-        for a, b in zip(trained.trainables["direct"], theta0, strict=True):
+        for a, b in zip(trained.trainables.direct, theta0, strict=True):
             np.testing.assert_array_equal(np.asarray(a[1]), np.asarray(b[1]))
     else:
-        np.testing.assert_array_equal(np.asarray(trained.trainables["w"][1]), 0.0)
+        np.testing.assert_array_equal(np.asarray(trained.trainables.w[1]), 0.0)
     # The means are over the seeds that did not diverge, i.e. seed 0 alone.
     assert result["val_accuracy"] == s0["val_accuracy"]
     assert result["test_accuracy"] == s0["test_accuracy"]
@@ -166,13 +166,13 @@ def test_one_diverged_seed_is_flagged_frozen_and_left_out_of_the_means(
 def test_retry_trains_a_diverged_seed_again_at_a_tenth_of_the_rate(data):
     # Plain SGD at 1e4 diverges at step 8 of 8; at 1e3 it stays finite.
     base = dataclasses.replace(SMALL, dim=100, optimizer="sgd", lr=1e4, on_divergence="retry")
-    retried = train_and_evaluate(base, data)
+    retried = train_and_evaluate(base, data).result
     (s,) = retried["per_seed"]
     assert not s["diverged"] and s["retries"] == 1 and s["learning_rate"] == pytest.approx(1e3)
     assert retried["diverged"] is False and retried["diverged_seeds"] == []
     assert retried["learning_rate"] == 1e4  # the configured rate; per_seed has the one used
     # The retried seed is a run from scratch at 1e3, bit for bit.
-    fresh = train_and_evaluate(dataclasses.replace(base, lr=1e3, on_divergence="stop"), data)
+    fresh = train_and_evaluate(dataclasses.replace(base, lr=1e3, on_divergence="stop"), data).result
     same = ("retries", "learning_rate")
     assert {k: v for k, v in s.items() if k not in same} == {
         k: v for k, v in fresh["per_seed"][0].items() if k not in same
@@ -187,16 +187,14 @@ def test_retry_trains_a_diverged_seed_again_at_a_tenth_of_the_rate(data):
 def test_retries_are_bounded_and_replace_only_the_diverged_seed(data, one_diverged):
     config, stopped, _ = one_diverged(40)
     config = dataclasses.replace(config, on_divergence="retry", max_retries=1)
-    retried, trained = train_and_evaluate(
-        config, data, theta0_fn=_blow_up_theta0(1), return_state=True
-    )
+    retried, trained = train_and_evaluate(config, data, theta0_fn=_blow_up_theta0(1))
     assert retried["per_seed"][0] == stopped["per_seed"][0]
     s1 = retried["per_seed"][1]  # a blown-up theta0 diverges at any learning rate
     assert s1["diverged"] and s1["diverged_step"] == 1 and s1["retries"] == 1
     assert s1["learning_rate"] == pytest.approx(retried["learning_rate"] / 10)
     assert retried["diverged_seeds"] == [1]
     assert retried["val_accuracy"] == stopped["val_accuracy"]
-    assert trained.trainables["w"].shape[0] == 2
+    assert trained.trainables.w.shape[0] == 2
 
 
 def test_config_validation_and_defaults_keep_the_config_dict():

@@ -249,7 +249,13 @@ def test_fastfood_columns_nearly_orthogonal_and_spread():
 
 
 @pytest.mark.parametrize(
-    "D,d", [(1000, 300), pytest.param(5000, 50, marks=pytest.mark.slow), (300, 300), (64, 64)]
+    "D,d",
+    [
+        pytest.param(1000, 300, marks=pytest.mark.slow),
+        pytest.param(5000, 50, marks=pytest.mark.slow),
+        pytest.param(300, 300, marks=pytest.mark.slow),
+        (64, 64),
+    ],
 )
 def test_orthogonal_hadamard_exactly_orthonormal(D, d):
     proj = PROJECTIONS["orthogonal_hadamard"]
@@ -259,6 +265,7 @@ def test_orthogonal_hadamard_exactly_orthonormal(D, d):
         np.testing.assert_allclose(P @ P.T, np.eye(D), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_orthogonal_hadamard_columns_spread_over_all_coordinates():
     """Incoherent like a random orthogonal matrix: no column lives in a few coordinates."""
     proj = PROJECTIONS["orthogonal_hadamard"]

@@ -53,7 +53,7 @@ CONFIG = TrainConfig(
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     """Two compressed models of one run (seeds 0 and 1), as files."""
-    result, trained = train_and_evaluate(CONFIG, return_state=True)
+    result, trained = train_and_evaluate(CONFIG)
     folder = tmp_path_factory.mktemp("models")
     paths = folder / "seed0.npz", folder / "seed1.npz"
     for i, path in enumerate(paths):
@@ -155,6 +155,7 @@ def test_sigkill_at_any_moment_of_a_save_never_leaves_a_partial_model(models, tm
     np.testing.assert_array_equal(read_archive(dest)[1]["w"], arrays["w"])
 
 
+@pytest.mark.slow
 def test_sigkill_during_a_result_json_write_keeps_the_old_file(tmp_path):
     dest = tmp_path / "result.json"
     obj = {"runs": [{"dim": d, "val_accuracy": d / 100} for d in range(50)]}
@@ -208,6 +209,7 @@ def test_sigkill_at_random_moments_of_train_save_compressed(tmp_path):
 # ---- result files --------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_result_files_are_0644_and_atomic(tmp_path):
     old_umask = os.umask(0o022)
     try:

@@ -14,7 +14,7 @@ import pytest
 
 from subspace_jax import cli
 from subspace_jax.intrinsic_dim import _sweep, bootstrap_crossings, search_intrinsic_dim
-from subspace_jax.train import TrainConfig
+from subspace_jax.train import TrainConfig, TrainOutput
 
 D_FAKE = 5000
 BASE_ACC = 0.98
@@ -47,6 +47,10 @@ class FakeTrainer:
         self.calls.append((config.dim, tuple(config.seeds)))
         accs = [fake_acc(config.dim, s) for s in config.seeds]
         losses = [fake_loss(a) for a in accs]
+        return TrainOutput(self.result(config, accs, losses), None)
+
+    def result(self, config, accs, losses):
+        """The fake result dict of a run."""
         return {
             "model": config.model,
             "dataset": config.dataset,

@@ -38,6 +38,7 @@ def _gaussian_init(key, D, d):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_projection_object_reaches_factory_options():
     per_block = fastfood(shared_signs=False)
     sub = sj.init_subspace(jax.random.key(0), THETA0, 3, projection=per_block)
@@ -69,6 +70,7 @@ def test_register_twice_needs_overwrite(scratch_names):
         sj.register("test_ff_blocks", 3, overwrite=True)
 
 
+@pytest.mark.slow
 def test_minimal_custom_projection_trains_and_differentiates(scratch_names):
     mine = sj.make_projection(
         "test_mine", init=_gaussian_init, mv=lambda M, w: M @ w, rmv=lambda M, g: g @ M
@@ -180,12 +182,13 @@ def test_batchnorm_cnn_trains_params_in_the_subspace_and_updates_batch_stats():
     coef, *_ = np.linalg.lstsq(M, delta, rcond=None)
     assert np.linalg.norm(delta) > 1e-2
     np.testing.assert_allclose(M @ coef, delta, atol=1e-5)
-    np.testing.assert_allclose(coef, np.asarray(trainable["w"]), atol=1e-4)
+    np.testing.assert_allclose(coef, np.asarray(trainable.w), atol=1e-4)
     # The eval-mode model uses the trained running statistics.
     logits = model.apply(full, x, train=False)
     assert logits.shape == (16, 3) and np.all(np.isfinite(np.asarray(logits)))
 
 
+@pytest.mark.slow
 def test_collections_options_and_errors():
     variables = {"params": THETA0["params"], "batch_stats": {"m": jnp.zeros(4)}}
     everything = sj.init_subspace(jax.random.key(0), variables, 3, collections=None)
@@ -242,16 +245,17 @@ def test_to_params_checks_the_trainable():
     good = sj.to_params(sub, t)
     assert good["params"]["b"].shape == (4,)
     bad = [
-        (
-            {"w": t["w"], "direct": (jnp.zeros(5),)},
-            r"direct leaf 'params/b' must have shape \(4,\)",
-        ),
-        ({"w": t["w"], "direct": (jnp.zeros(4, jnp.int32),)}, "must be floating point"),
-        ({"w": t["w"], "direct": ()}, "tuple of the 1 directly trained leaves"),
-        ({"direct": t["direct"]}, r"keys \['direct', 'w'\]"),
-        ({"w": t["w"], "direct": t["direct"], "extra": 1}, "got keys"),
-        ({"w": jnp.zeros(3, jnp.int32), "direct": t["direct"]}, "w must be floating point"),
-        ({"w": jnp.zeros(4), "direct": t["direct"]}, r"w must have shape \(3,\)"),
+        (t._replace(direct=(jnp.zeros(5),)), r"direct leaf 'params/b' must have shape \(4,\)"),
+        (t._replace(direct=(jnp.zeros(4, jnp.int32),)), "must be floating point"),
+        (t._replace(direct=()), "tuple of the 1 directly trained leaves"),
+        (t._replace(w=jnp.zeros(3, jnp.int32)), "w must be floating point"),
+        (t._replace(w=jnp.zeros(4)), r"w must have shape \(3,\)"),
+        (t._replace(scales=jnp.ones(2)), r"scales \(SAID\) must have shape \(0,\)"),
+        ((t.w, t.direct), "must be a Trainable"),
+        # The dict of earlier versions is still read, and checked the same way.
+        ({"direct": t.direct}, r"got a dict with keys \['direct'\]"),
+        ({"w": t.w, "direct": t.direct, "extra": 1}, "got a dict with keys"),
+        ({"w": t.w, "direct": ()}, "tuple of the 1 directly trained leaves"),
     ]
     for trainable, match in bad:
         with pytest.raises(ValueError, match=match):
@@ -275,6 +279,7 @@ def test_non_array_leaves_say_how_to_partition(leaf):
 # --------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nnx_split_state():
     nnx = pytest.importorskip("flax.nnx")
     model = nnx.Linear(3, 2, rngs=nnx.Rngs(0))

@@ -225,6 +225,7 @@ def test_check_finite_names_projection_seed_and_sizes():
         check_finite(bad_one)
 
 
+@pytest.mark.slow
 def test_training_refuses_a_non_finite_init(monkeypatch):
     """The loop's guard: a broken init is an error before the first step, not a NaN run."""
     from subspace_jax.train import TrainConfig, _loop, train_and_evaluate

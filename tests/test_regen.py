@@ -127,6 +127,7 @@ def test_dense_hash_square_and_single_column(D, d):
 # ---- dense_regen: bit identity with the stored dense --------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("built", ["dense_regen"], indirect=True)
 def test_dense_regen_bit_identical_to_stored_dense(built):
     """Bit-identical entries and scales (across 13 generation blocks and a tail)."""
@@ -148,6 +149,7 @@ def test_dense_regen_bit_identical_to_stored_dense(built):
     )
 
 
+@pytest.mark.slow
 def test_dense_regen_keeps_the_key_as_raw_data_and_round_trips_it():
     regen = pj.get_projection("dense_regen")
     typed, raw, rbg = jax.random.key(3), jax.random.PRNGKey(3), jax.random.key(3, impl="rbg")

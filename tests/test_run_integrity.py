@@ -7,6 +7,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +22,8 @@ from subspace_jax import _results, cli
 from subspace_jax._lock import FolderLocked, lock_folder
 from subspace_jax.data import DataError, data_fingerprint, load_cifar10, load_dataset, load_idx
 from subspace_jax.intrinsic_dim import _sweep, config_key
-from subspace_jax.train import TrainConfig
+from subspace_jax.train import TrainConfig, TrainOutput
+from subspace_jax.train._reuse import NOT_IN_KEY
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--quiet", "--epochs", "1", "--max-steps", "3", "--model", "mlp_small", "--width", "8"]
@@ -112,7 +114,7 @@ def _replace_folder_by_file_after_training(monkeypatch, folder: Path):
     def train_then_break(*a, **k):
         out = real(*a, **k)
         for p in folder.iterdir():
-            p.unlink()
+            shutil.rmtree(p) if p.is_dir() else p.unlink()  # a checkpoint folder too
         folder.rmdir()
         folder.write_text("not a folder any more")
         return out
@@ -180,7 +182,7 @@ def test_config_key_holds_every_config_field_and_the_data(tmp_path):
     assert config_key(base, data="b") != key  # other data
     assert config_key(dataclasses.replace(base, data_dir="/elsewhere"), data="a") == key
     assert config_key(dataclasses.replace(base, seeds=(3,), dim=9), data="a") == key
-    skipped = {"seeds", "dim", "data_dir", "theta0_path"}
+    skipped = {*NOT_IN_KEY, "theta0_path"}  # theta0_path: by its contents, below
     for field in dataclasses.fields(TrainConfig):
         if field.name in skipped:
             continue
@@ -234,7 +236,7 @@ class CountingTrainer:
     def __call__(self, config, data=None, *, progress=None, **kwargs):
         self.calls.append((config.dim, tuple(config.seeds), data_fingerprint(data)))
         n = len(config.seeds)
-        return {
+        result = {
             "model": config.model,
             "dataset": config.dataset,
             "projection": config.projection if config.dim else "none",
@@ -258,8 +260,10 @@ class CountingTrainer:
             "learning_rate": 0.03,
             "data_fingerprint": data_fingerprint(data),
         }
+        return TrainOutput(result, None)
 
 
+@pytest.mark.slow
 def test_sweep_retrains_on_other_data_and_reuses_the_same_data_elsewhere(
     tmp_path, monkeypatch, capsys
 ):
@@ -328,6 +332,7 @@ def _load_runner():
     return module
 
 
+@pytest.mark.slow
 def test_experiment_runner_retrains_a_train_run_whose_config_or_data_changed(tmp_path):
     run = _load_runner()
     out = tmp_path / "r.json"
@@ -381,6 +386,7 @@ def test_lock_waits_for_the_holder_with_wait(tmp_path):
     assert len(messages) == 1 and "waiting for process" in messages[0]
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_killed_process_does_not_block(tmp_path):
     out = tmp_path / "out"
     code = (

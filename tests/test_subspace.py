@@ -90,6 +90,7 @@ def test_per_leaf_allocation_and_explicit_dims():
         sj.init_subspace(jax.random.key(0), THETA0, dims={"nope": 3})
 
 
+@pytest.mark.slow
 def test_per_leaf_to_params_is_blockwise():
     sub = sj.init_subspace(jax.random.key(4), THETA0, 12, per_leaf=True, projection="dense")
     w = jnp.asarray(np.random.default_rng(1).standard_normal(12), jnp.float32)
@@ -104,14 +105,15 @@ def test_per_leaf_to_params_is_blockwise():
         np.testing.assert_allclose(np.asarray(leaves[i]).ravel(), want, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_labels_frozen_and_direct():
     def label(path, leaf):
         return "direct" if path.endswith("bias") else "project"
 
     sub = sj.init_subspace(jax.random.key(0), THETA0, 5, labels=label)
     t = sj.init_trainable(sub)
-    assert len(t["direct"]) == 2 and t["w"].shape == (5,)
-    t2 = {"w": t["w"], "direct": tuple(x + 1.0 for x in t["direct"])}
+    assert len(t.direct) == 2 and t.w.shape == (5,)
+    t2 = t._replace(direct=tuple(x + 1.0 for x in t.direct))
     params = sj.to_params(sub, t2)
     np.testing.assert_allclose(
         np.asarray(params["params"]["Dense_0"]["bias"]),
@@ -133,7 +135,7 @@ def test_labels_frozen_and_direct():
 def test_direct_training_when_dim_is_zero():
     sub = sj.init_subspace(jax.random.key(0), THETA0, 0)
     assert sub.dim == 0 and sub.layout.groups == ()
-    assert len(sj.init_trainable(sub)["direct"]) == 4
+    assert len(sj.init_trainable(sub).direct) == 4
 
 
 @pytest.mark.parametrize(
@@ -183,6 +185,7 @@ def test_grad_w_equals_projected_grad_theta():
     np.testing.assert_allclose(np.asarray(gw), P.T @ np.asarray(g_theta, np.float64), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_train_step_does_not_recompile_and_matches_eager():
     traces = []
     step = make_train_step(MODEL.apply, optax.adam(0.05))
@@ -202,7 +205,7 @@ def test_train_step_does_not_recompile_and_matches_eager():
         t_e, o_e, loss_e, _ = step(sub, t_e, o_e, x, y)
         np.testing.assert_allclose(float(loss), float(loss_e), rtol=1e-5)
     assert len(traces) == 1
-    np.testing.assert_allclose(np.asarray(t["w"]), np.asarray(t_e["w"]), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(t.w), np.asarray(t_e.w), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow
@@ -229,7 +232,7 @@ def test_vmap_over_seeds_equals_python_loop():
         o = opt.init(t)
         for _ in range(5):
             t, o, loss, _ = one_step(sub, t, o, x, y)
-        np.testing.assert_allclose(np.asarray(ts["w"][i]), np.asarray(t["w"]), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(ts.w[i]), np.asarray(t.w), rtol=1e-4, atol=1e-5)
         np.testing.assert_allclose(float(losses[i]), float(loss), rtol=1e-5)
 
 

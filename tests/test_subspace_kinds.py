@@ -69,18 +69,19 @@ def test_said_dimension_bookkeeping_follows_the_paper():
     assert (lay.num_scales, lay.dim, lay.total_dim) == (NUM_LEAVES, 20 - NUM_LEAVES, 20)
     assert lay.said_leaves == (0, 1, 2, 3)
     t = sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=lay))
-    assert t["w"].shape == (16,)
-    np.testing.assert_array_equal(np.asarray(t["said"]), np.ones(NUM_LEAVES, np.float32))
+    assert t.w.shape == (16,)
+    np.testing.assert_array_equal(np.asarray(t.scales), np.ones(NUM_LEAVES, np.float32))
     per_leaf = sj.make_layout(THETA0, 12, said=True, per_leaf=True)
     assert per_leaf.dim == 8 and per_leaf.total_dim == 12
     assert sum(g.dim for g in per_leaf.groups) == 8
     # Only projected leaves get a scale.
     frozen = sj.make_layout(THETA0, 10, said=True, labels={"params/Dense_1/bias": "frozen"})
     assert frozen.num_scales == 3 and frozen.dim == 7
-    # A plain subspace is unchanged: no scales, no "said" entry.
+    # A plain subspace has the same fields, with no scales.
     plain = sj.make_layout(THETA0, 20)
     assert plain.total_dim == plain.dim == 20
-    assert "said" not in sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=plain))
+    t = sj.init_trainable(sj.Subspace(theta0=THETA0, proj_states=(), layout=plain))
+    assert t.scales.shape == (0,) and t.w.shape == (20,)
     with pytest.raises(ValueError, match=r"SAID needs d > number of projected leaves \(m = 4\)"):
         sj.init_subspace(jax.random.key(1), THETA0, 4, said=True)
     with pytest.raises(ValueError, match="per-leaf SAID needs d >= 2 m = 8"):
@@ -91,8 +92,7 @@ def test_said_dimension_bookkeeping_follows_the_paper():
 
 def test_said_zero_w_gives_theta0_for_any_scales():
     sub = sj.init_subspace(jax.random.key(2), THETA0, 10, said=True)
-    t = sj.init_trainable(sub)
-    t["said"] = jnp.asarray([0.5, -3.0, 7.0, 0.0], jnp.float32)
+    t = sj.init_trainable(sub)._replace(scales=jnp.asarray([0.5, -3.0, 7.0, 0.0], jnp.float32))
     assert bits_equal(jax.jit(sj.to_params)(sub, t), THETA0)
 
 
@@ -101,7 +101,7 @@ def test_said_to_params_and_scale_gradients_against_float64():
     rng = np.random.default_rng(0)
     w = rng.standard_normal(sub.layout.dim).astype(np.float32)
     lam = rng.uniform(0.5, 2.0, NUM_LEAVES).astype(np.float32)
-    t = {"w": jnp.asarray(w), "direct": (), "said": jnp.asarray(lam)}
+    t = sj.Trainable(w=jnp.asarray(w), direct=(), scales=jnp.asarray(lam))
     P = np.asarray(pj.as_matrix(pj.get_projection("dense"), sub.proj_states[0], 8), np.float64)
     delta = P @ w.astype(np.float64)
     flat0, spec = sj.flatten(THETA0)
@@ -122,20 +122,20 @@ def test_said_to_params_and_scale_gradients_against_float64():
         want[leaf.offset : leaf.offset + leaf.size] @ delta[leaf.offset : leaf.offset + leaf.size]
         for leaf in spec.leaves
     ]
-    np.testing.assert_allclose(np.asarray(grads["said"]), g_lam, rtol=1e-4)
+    np.testing.assert_allclose(np.asarray(grads.scales), g_lam, rtol=1e-4)
     scaled = np.concatenate(
         [lam[k] * want[leaf.offset : leaf.offset + leaf.size] for k, leaf in enumerate(spec.leaves)]
     )
-    np.testing.assert_allclose(np.asarray(grads["w"]), P.T @ scaled, rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match=r"said must have shape \(4,\)"):
-        sj.to_params(sub, {**t, "said": jnp.ones(3)})
+    np.testing.assert_allclose(np.asarray(grads.w), P.T @ scaled, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match=r"scales \(SAID\) must have shape \(4,\)"):
+        sj.to_params(sub, t._replace(scales=jnp.ones(3)))
 
 
 @pytest.fixture(scope="module")
 def direct_run(data):
     """A direct run of K steps: the burn-in reference and the fine-tuning checkpoint."""
     config = dataclasses.replace(BASE, dim=0, max_steps=6)
-    _, trained = train_and_evaluate(config, data, return_state=True)
+    _, trained = train_and_evaluate(config, data)
     return first(jax.vmap(sj.to_params)(trained.subs, trained.trainables))
 
 
@@ -144,7 +144,7 @@ def said_finetune(tmp_path_factory, data, direct_run):
     """One SAID run fine-tuned from the direct run's checkpoint (serves two tests)."""
     path = save_params(tmp_path_factory.mktemp("ckpt") / "theta.msgpack", direct_run)
     config = dataclasses.replace(BASE, dim=30, said=True, max_steps=20, theta0_path=str(path))
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     return path, config, result, trained
 
 
@@ -153,8 +153,8 @@ def test_said_scales_are_trained(said_finetune):
     _, _, result, trained = said_finetune
     assert (result["dim"], result["said_scales"], result["w_dim"]) == (30, 4, 26)
     t = first(trained.trainables)
-    assert t["w"].shape == (26,)
-    lam = np.asarray(t["said"])
+    assert t.w.shape == (26,)
+    lam = np.asarray(t.scales)
     assert lam.shape == (4,) and np.all(np.isfinite(lam))
     assert np.max(np.abs(lam - 1.0)) > 1e-3  # the scales received gradients and moved
     assert np.isfinite(result["test_accuracy"])
@@ -179,7 +179,7 @@ def test_fine_tuning_starts_at_the_checkpoint(tmp_path, data, direct_run, said_f
 @pytest.mark.slow
 def test_burn_in_starts_the_subspace_at_the_burned_in_point(tmp_path, data, direct_run):
     config = dataclasses.replace(BASE, dim=20, burn_in_steps=6, max_steps=3)
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     assert result["burn_in_steps"] == 6 and result["theta0"] == "init+burn_in:6"
     sub = first(trained.subs)
     # w = 0 gives the burned-in point exactly.
@@ -255,7 +255,7 @@ def test_lottery_projection_is_the_trajectory_top_directions(tmp_path, data):
     config = dataclasses.replace(
         BASE, dim=d, projection="lottery", max_steps=steps, lottery_every=every
     )
-    result, trained = train_and_evaluate(config, data, return_state=True)
+    result, trained = train_and_evaluate(config, data)
     assert result["projection"] == "lottery" and result["dim"] == d
     sub = first(trained.subs)
     P = np.asarray(sub.proj_states[0].matrix, np.float64)

@@ -165,8 +165,8 @@ def _reference_matrix(sub):
     return M
 
 
-#: Per-leaf subspaces of these run by default, of the others with the slow tests.
-PER_LEAF_DEFAULT = ("dense", "fastfood", "sparse")
+#: Per-leaf subspaces of these run by default (fast tier), of the others with the slow tests.
+PER_LEAF_DEFAULT = ("dense",)
 CASES = [_tiered(name, False) for name in NAMES] + [
     pytest.param(name, True, marks=() if name in PER_LEAF_DEFAULT else pytest.mark.slow)
     for name in NAMES

@@ -13,6 +13,7 @@ from subspace_jax.data._splits import (
     iterate_batches,
     num_batches,
     resize,
+    shuffle_order,
     split_validation,
     standardize,
 )
@@ -35,6 +36,7 @@ __all__ = [
     "load_tfds",
     "num_batches",
     "resize",
+    "shuffle_order",
     "split_validation",
     "standardize",
 ]

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from subspace_jax._errors import UserError
 from subspace_jax.data._types import Dataset
 
 
@@ -34,12 +35,12 @@ def select_classes(data: Dataset, classes: Sequence[int]) -> Dataset:
     """
     classes = [int(c) for c in classes]
     if len(classes) < 2:
-        raise ValueError(f"classes needs at least 2 labels to classify, got {classes}")
+        raise UserError(f"classes needs at least 2 labels to classify, got {classes}")
     if len(set(classes)) != len(classes):
-        raise ValueError(f"classes must be distinct, got {classes}")
+        raise UserError(f"classes must be distinct, got {classes}")
     bad = [c for c in classes if not 0 <= c < data.num_classes]
     if bad:
-        raise ValueError(
+        raise UserError(
             f"classes {bad} are not labels of {data.name} "
             f"(its labels are 0..{data.num_classes - 1})"
         )

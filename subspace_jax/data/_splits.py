@@ -7,16 +7,18 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from subspace_jax._errors import UserError
+
 _CHUNK = 4096  # images converted at a time, bounding float64 / int64 temporaries
 
 
 def _as_int(value, what: str) -> int:
     if isinstance(value, bool):
-        raise ValueError(f"{what} must be an integer, got {value!r}")
+        raise UserError(f"{what} must be an integer, got {value!r}")
     try:
         return operator.index(value)
     except TypeError:
-        raise ValueError(f"{what} must be an integer, got {value!r}") from None
+        raise UserError(f"{what} must be an integer, got {value!r}") from None
 
 
 def split_validation(
@@ -50,7 +52,7 @@ def split_validation(
         raise ValueError(f"split_validation: {n} inputs but {len(y)} labels")
     val_size = _as_int(val_size, "val_size")
     if not 0 <= val_size < n:
-        raise ValueError(
+        raise UserError(
             f"val_size={val_size} out of range: need 0 <= val_size < {n} (the training set size)"
         )
     perm = np.random.default_rng(seed).permutation(n)
@@ -167,6 +169,15 @@ def num_batches(n: int, batch_size: int, drop_last: bool = True) -> int:
     return n // batch_size if drop_last else -(-n // batch_size)
 
 
+def shuffle_order(n: int, *, seed: int, epoch: int) -> np.ndarray:
+    """The example order of epoch ``epoch``: ``default_rng([seed, epoch]).permutation(n)``.
+
+    :func:`iterate_batches` yields ``order[b * B : (b + 1) * B]`` as batch ``b``; the training
+    loop gathers the same rows on the device, so both see one data order.
+    """
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
 def iterate_batches(
     x: np.ndarray,
     y: np.ndarray,
@@ -213,7 +224,7 @@ def iterate_batches(
     seed, epoch = _as_int(seed, "seed"), _as_int(epoch, "epoch")
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed={seed} and epoch={epoch} must be >= 0")
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else None
+    order = shuffle_order(n, seed=seed, epoch=epoch) if shuffle else None
     # Arguments are checked above, eagerly; the generator below only slices.
     return _batches(x, y, batch_size, order, num_batches(n, batch_size, drop_last))
 

@@ -43,7 +43,7 @@ def load_tfds(name: str, data_dir: str | os.PathLike | None = None) -> RawData:
       >>> raw = load_tfds("mnist")  # doctest: +SKIP
     """
     if name not in TFDS_NAMES:
-        raise ValueError(f"load_tfds: unknown dataset {name!r}, expected one of {TFDS_NAMES}")
+        raise DataError(f"load_tfds: unknown dataset {name!r}, expected one of {TFDS_NAMES}")
     try:
         tfds = importlib.import_module("tensorflow_datasets")
     except ImportError as e:

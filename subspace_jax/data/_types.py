@@ -7,9 +7,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from subspace_jax._errors import UserError
 
-class DataError(ValueError):
-    """A dataset file or folder is missing, truncated or not in the expected format.
+
+class DataError(UserError):
+    """A dataset file or folder is missing, truncated or not in the expected format (a
+    :class:`~subspace_jax.UserError`).
 
     The message names the offending path and what was expected there.
     """

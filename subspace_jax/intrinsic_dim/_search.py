@@ -45,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from subspace_jax import _results
+from subspace_jax._errors import UserError
 from subspace_jax.data import data_fingerprint
 from subspace_jax.intrinsic_dim._stats import (
     crossing,
@@ -57,8 +58,8 @@ from subspace_jax.intrinsic_dim._stats import (
     reaches,
     target_value,
 )
-from subspace_jax.intrinsic_dim._sweep import RUNS_FILE, config_key, run_dims
-from subspace_jax.train import TrainConfig, load_data
+from subspace_jax.intrinsic_dim._sweep import RUNS_FILE, config_key, load_checked_data, run_dims
+from subspace_jax.train import TrainConfig
 
 METRICS = ("val_accuracy", "val_loss")
 WHICH = ("final", "best")
@@ -450,35 +451,35 @@ def _check_args(
     fraction, baseline, metric, which, precision, d_start, d_min, d_max, n_bootstrap, ci_extend
 ):
     if not (isinstance(fraction, (int, float)) and 0 < fraction <= 1):
-        raise ValueError(f"fraction must be in (0, 1], got {fraction!r}")
+        raise UserError(f"fraction must be in (0, 1], got {fraction!r}")
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
+        raise UserError(f"metric must be one of {', '.join(METRICS)}, got {metric!r}")
     if which not in WHICH:
-        raise ValueError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
+        raise UserError(f"which must be one of {', '.join(WHICH)}, got {which!r}")
     if isinstance(baseline, str):
         if baseline != "own":
-            raise ValueError(f"baseline must be 'own' or a number, got {baseline!r}")
+            raise UserError(f"baseline must be 'own' or a number, got {baseline!r}")
     elif isinstance(baseline, bool) or not isinstance(baseline, (int, float)):
-        raise ValueError(f"baseline must be 'own' or a number, got {baseline!r}")
+        raise UserError(f"baseline must be 'own' or a number, got {baseline!r}")
     elif not math.isfinite(baseline) or baseline <= 0:
-        raise ValueError(f"a fixed baseline must be a finite number > 0, got {baseline!r}")
+        raise UserError(f"a fixed baseline must be a finite number > 0, got {baseline!r}")
     elif metric == "val_accuracy" and baseline > 1:
-        raise ValueError(f"a fixed accuracy baseline must be in (0, 1], got {baseline!r}")
+        raise UserError(f"a fixed accuracy baseline must be in (0, 1], got {baseline!r}")
     if not (isinstance(precision, (int, float)) and math.isfinite(precision) and precision > 0):
-        raise ValueError(f"precision must be a finite number > 0 (relative), got {precision!r}")
+        raise UserError(f"precision must be a finite number > 0 (relative), got {precision!r}")
     for name, v in (("d_start", d_start), ("d_min", d_min)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+            raise UserError(f"{name} must be an integer >= 1, got {v!r}")
     if d_min > d_start:
-        raise ValueError(f"d_min must be <= d_start, got d_min={d_min}, d_start={d_start}")
+        raise UserError(f"d_min must be <= d_start, got d_min={d_min}, d_start={d_start}")
     if d_max is not None and (isinstance(d_max, bool) or not isinstance(d_max, int) or d_max < 1):
-        raise ValueError(f"d_max must be an integer >= 1 or None, got {d_max!r}")
+        raise UserError(f"d_max must be an integer >= 1 or None, got {d_max!r}")
     if d_max is not None and d_max < d_min:
-        raise ValueError(f"d_max must be >= d_min, got d_max={d_max}, d_min={d_min}")
+        raise UserError(f"d_max must be >= d_min, got d_max={d_max}, d_min={d_min}")
     if isinstance(n_bootstrap, bool) or not isinstance(n_bootstrap, int) or n_bootstrap < 0:
-        raise ValueError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
+        raise UserError(f"n_bootstrap must be an integer >= 0, got {n_bootstrap!r}")
     if isinstance(ci_extend, bool) or not isinstance(ci_extend, int) or ci_extend < 0:
-        raise ValueError(f"ci_extend must be an integer >= 0, got {ci_extend!r}")
+        raise UserError(f"ci_extend must be an integer >= 0, got {ci_extend!r}")
 
 
 # ------------------------------------------------------------------------------ the search
@@ -488,7 +489,16 @@ class _Trainer:
     """``measure(d)`` over training: evaluates all seeds of one d, counts new and reused runs."""
 
     def __init__(
-        self, base: TrainConfig, out_dir: Path, seeds, metric, which, evaluate, data, progress
+        self,
+        base: TrainConfig,
+        out_dir: Path,
+        seeds,
+        metric,
+        which,
+        evaluate,
+        data,
+        progress,
+        checkpoint=None,
     ):
         self.seeds, self.metric, self.which = seeds, metric, which
         self.records: dict[int, list[dict]] = {}
@@ -498,7 +508,7 @@ class _Trainer:
         self.known: set[tuple[int, int]] = set()
         if evaluate is None:
             if data is None:
-                data = load_data(base)
+                data = load_checked_data(base)
             key = config_key(base, data=data_fingerprint(data))
             for r in _results.read_jsonl(out_dir / RUNS_FILE):
                 try:
@@ -508,7 +518,9 @@ class _Trainer:
                     continue
 
             def evaluate(dims, seeds_):
-                return run_dims(base, dims, seeds_, out_dir, data=data, progress=progress)
+                return run_dims(
+                    base, dims, seeds_, out_dir, data=data, progress=progress, checkpoint=checkpoint
+                )
 
         self.evaluate = evaluate
 
@@ -569,7 +581,7 @@ def check_baseline(values: np.ndarray, seeds: Sequence[int], trainer: _Trainer) 
         return
     diverged = [r for r in trainer.non_finite() if r["dim"] == 0 and r["diverged"]]
     what = "diverged" if diverged else f"gave a non-finite {trainer.metric}"
-    raise ValueError(
+    raise UserError(
         f"the baseline (direct training, d = 0) {what} for seed(s) {bad}, so there is no "
         "target to reach: lower the learning rate (--lr) and rerun, or give a fixed --baseline"
     )
@@ -608,6 +620,7 @@ def search_intrinsic_dim(
     evaluate: Evaluate | None = None,
     progress: Progress | None = None,
     write: bool = True,
+    checkpoint=None,
 ) -> dict:
     """Search d_int for ``base`` (its ``seeds``; ``base.dim`` is ignored).
 
@@ -639,6 +652,8 @@ def search_intrinsic_dim(
         ``seed``, ``num_params`` and the metric fields; default :func:`run_dims`.
       progress: called with training events and ``{"event": "message", "text": ...}``.
       write: write ``id.json`` and ``id.png`` to ``out_dir``.
+      checkpoint: :class:`~subspace_jax.train.CheckpointOptions`: every training checkpoints
+        and resumes (see :func:`run_dims`); None: no checkpoints.
 
     Returns:
       A JSON-serialisable dict: ``d_int`` (None when censored), ``censored``,
@@ -663,12 +678,8 @@ def search_intrinsic_dim(
     out_dir = Path(out_dir)
     seeds = [int(s) for s in base.seeds]
     base = dataclasses.replace(base, dim=0)
-
-    def say(text: str) -> None:
-        if progress is not None:
-            progress({"event": "message", "text": text})
-
-    trainer = _Trainer(base, out_dir, seeds, metric, which, evaluate, data, progress)
+    say = _messages(progress)
+    trainer = _Trainer(base, out_dir, seeds, metric, which, evaluate, data, progress, checkpoint)
     base_values, base_mean, num_params, baseline_text = _baseline(
         baseline, trainer, seeds, metric, which
     )
@@ -679,46 +690,32 @@ def search_intrinsic_dim(
     )
     if num_params is None:  # a fixed baseline: D from the first subspace run
         num_params = trainer.num_params(d_start if d_max is None else min(d_start, d_max))
-    spec = SearchSpec(
-        fraction=fraction,
-        metric=metric,
-        baseline=base_values,
-        d_max=num_params if d_max is None else min(d_max, num_params),
-        precision=precision,
-        d_start=d_start,
-        d_min=d_min,
-        ci_extend=ci_extend,
-    )
-
-    def on_step(p: dict) -> None:
-        say(
-            f"d = {p['dim']}: mean {metric} {p['mean']:.4f} "
-            f"{'reaches' if p['reached'] else 'misses'} the target"
-        )
-
-    record = run_search(trainer, spec, on_step=on_step)
-    summary = summarise(record, spec)
+    d_max = num_params if d_max is None else min(d_max, num_params)
+    spec = SearchSpec(fraction, metric, base_values, d_max, precision, d_start, d_min, ci_extend)
+    record = run_search(trainer, spec, on_step=lambda p: say(_step_text(p, metric)))
     non_finite = [r for r in trainer.non_finite() if r["dim"] > 0]
-    result = _result(
-        base,
-        spec,
-        record,
-        summary,
-        trainer,
-        non_finite,
-        dict(
-            baseline=baseline,
-            base_mean=base_mean,
-            baseline_text=baseline_text,
-            seeds=seeds,
-            which=which,
-            n_bootstrap=n_bootstrap,
-            bootstrap_seed=bootstrap_seed,
-        ),
-    )
+    opts = dict(baseline=baseline, base_mean=base_mean, baseline_text=baseline_text, seeds=seeds)
+    opts.update(which=which, n_bootstrap=n_bootstrap, bootstrap_seed=bootstrap_seed)
+    result = _result(base, spec, record, summarise(record, spec), trainer, non_finite, opts)
     if write:
         write_search(out_dir, result, base)
     return result
+
+
+def _messages(progress: Progress | None) -> Callable[[str], None]:
+    """``say(text)``: a ``{"event": "message"}`` to ``progress`` (nothing when None)."""
+
+    def say(text: str) -> None:
+        if progress is not None:
+            progress({"event": "message", "text": text})
+
+    return say
+
+
+def _step_text(p: dict, metric: str) -> str:
+    """One search step as a progress line."""
+    verdict = "reaches" if p["reached"] else "misses"
+    return f"d = {p['dim']}: mean {metric} {p['mean']:.4f} {verdict} the target"
 
 
 def bootstrap_interval(record: Evaluations, spec: SearchSpec, n_bootstrap: int, seed: int):

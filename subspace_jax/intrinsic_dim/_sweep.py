@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from subspace_jax import _results
+from subspace_jax._errors import UserError
 from subspace_jax.data import data_fingerprint
 from subspace_jax.intrinsic_dim._stats import (
     grid_estimate,
@@ -27,7 +28,15 @@ from subspace_jax.intrinsic_dim._stats import (
     target_value,
 )
 from subspace_jax.projections import LR_RULE
-from subspace_jax.train import TrainConfig, load_data, train_and_evaluate
+from subspace_jax.train import (
+    CheckpointOptions,
+    TrainConfig,
+    check_config,
+    load_data,
+    remove_checkpoints,
+    train_and_evaluate,
+)
+from subspace_jax.train._reuse import KEY_FIELDS
 
 RUNS_FILE = "runs.jsonl"
 
@@ -36,9 +45,9 @@ def config_key(config: TrainConfig, *, data: str) -> str:
     """A stable hash of everything that defines a run except its dimension and seeds.
 
     Args:
-      config: the run's configuration; every field enters the key except ``dim`` and
-        ``seeds`` (stored beside it) and ``data_dir`` (the same data read from another folder
-        may be reused); a ``theta0_path`` enters with a hash of the file's bytes.
+      config: the run's configuration; its fields in ``KEY_FIELDS``
+        (``subspace_jax/train/_reuse.py``, where every field is classified) enter the key;
+        a ``theta0_path`` enters with a hash of the file's bytes.
       data: the fingerprint of the data actually loaded
         (:func:`~subspace_jax.data.data_fingerprint`), so other data under the same name
         never reuses a run.
@@ -46,9 +55,8 @@ def config_key(config: TrainConfig, *, data: str) -> str:
     Returns:
       12 hex digits.
     """
-    d = config.to_dict()
-    for k in ("seeds", "dim", "data_dir"):
-        d.pop(k, None)
+    fields = config.to_dict()  # leaves the later fields out at their default
+    d = {k: fields[k] for k in KEY_FIELDS if k in fields}
     if config.lr is None:  # the default learning rate follows a rule: a new rule retrains
         d["lr_rule"] = LR_RULE
     if config.theta0_path is not None:
@@ -116,6 +124,7 @@ def run_dims(
     data=None,
     progress: Callable[[dict], None] | None = None,
     reuse: bool = True,
+    checkpoint: CheckpointOptions | None = None,
 ) -> list[dict]:
     """Train every ``d`` in ``dims`` (0 = direct) for every seed, reusing finished records.
 
@@ -125,7 +134,9 @@ def run_dims(
     the data is loaded (when ``data`` is None) to compute that fingerprint.
 
     Returns:
-      All matching records (reused and new) for the requested dims and seeds.
+      All matching records (reused and new) for the requested dims and seeds. With
+      ``checkpoint``, each training resumes from its checkpoints, removed once its records
+      are written.
     """
     out_dir = Path(out_dir)
     runs_path = out_dir / RUNS_FILE
@@ -148,11 +159,14 @@ def run_dims(
             if progress is not None:
                 progress({"event": "run_start", "dim": int(dim), "seeds": list(todo)})
             cfg = dataclasses.replace(cfg, seeds=tuple(int(s) for s in todo))
-            result = train_and_evaluate(cfg, data, progress=progress)
+            result = train_and_evaluate(cfg, data, progress=progress, checkpoint=checkpoint)
+            result = result.result
             result.setdefault("data_fingerprint", fingerprint)
             for rec in seed_records(result, cfg):
                 _results.append_jsonl(runs_path, rec)
                 have[(key, int(dim), int(rec["seed"]))] = rec
+            if checkpoint is not None:
+                remove_checkpoints(checkpoint, cfg, data)
             if progress is not None:
                 progress(
                     {
@@ -160,8 +174,15 @@ def run_dims(
                         "dim": int(dim),
                         "val_accuracy": result["val_accuracy"],
                         "wall_time_s": result["wall_time_s"],
+                        # For the logs (subspace_jax._logs): the test metrics per seed.
+                        **{
+                            k: result.get(k)
+                            for k in ("steps", "test_accuracy", "test_loss", "per_seed")
+                        },
                     }
                 )
+        elif progress is not None:
+            progress({"event": "run_reused", "dim": int(dim), "seeds": [int(s) for s in seeds]})
         records.extend(have[(key, int(dim), int(s))] for s in seeds)
     return records
 
@@ -225,7 +246,6 @@ def summarize_sweep(
         float(np.mean([metric_value(r, metric, "final") for r in records if int(r["dim"]) == d]))
         for d in dims
     ]
-    target = target_value(baseline, fraction, metric)
     notes = []
     if np.isfinite(baseline):
         mean_margins = margins(means, baseline, fraction, metric)
@@ -240,6 +260,25 @@ def summarize_sweep(
         for r in [*baseline_records, *records]
         if not np.isfinite(metric_value(r, metric, "final"))
     ]
+    notes += _sweep_notes(dims, est, odd, bad)
+    return {
+        "baseline_accuracy": baseline,
+        "threshold": target_value(baseline, fraction, metric),
+        "fraction": fraction,
+        "metric": metric,
+        "dims": dims,
+        "mean_accuracy": means,
+        **est,
+        "non_monotone": bool(odd),
+        "non_finite_runs": bad,
+        "notes": notes,
+        "definition": sweep_definition(fraction, metric),
+    }
+
+
+def _sweep_notes(dims: list[int], est: dict, odd: list[int], bad: list[dict]) -> list[str]:
+    """The notes of a sweep: non-finite runs, a censored estimate, a non-monotone curve."""
+    notes = []
     if bad:
         notes.append(
             "non-finite or diverged runs (never reach the threshold, never interpolated): "
@@ -269,19 +308,7 @@ def summarize_sweep(
             f"the mean curve is not monotone: it reaches the threshold at d = "
             f"{', '.join(map(str, odd))} but misses it at a larger d; d_int is the first crossing"
         )
-    return {
-        "baseline_accuracy": baseline,
-        "threshold": target,
-        "fraction": fraction,
-        "metric": metric,
-        "dims": dims,
-        "mean_accuracy": means,
-        **est,
-        "non_monotone": bool(odd),
-        "non_finite_runs": bad,
-        "notes": notes,
-        "definition": sweep_definition(fraction, metric),
-    }
+    return notes
 
 
 def check_sweep_baseline(baseline_runs: Sequence[dict], metric: str) -> None:
@@ -291,10 +318,18 @@ def check_sweep_baseline(baseline_runs: Sequence[dict], metric: str) -> None:
     ]
     if bad:
         what = "diverged" if any(r.get("diverged") for r in baseline_runs) else "is not finite"
-        raise ValueError(
+        raise UserError(
             f"the baseline (direct training, d = 0) {what} for seed(s) {bad}, so there is no "
             "threshold to reach: lower the learning rate (--lr) and rerun"
         )
+
+
+def load_checked_data(base: TrainConfig):
+    """``base``'s data, checked to serve it (a batch no larger than the training split, a
+    non-empty validation split): a :class:`~subspace_jax.UserError` otherwise."""
+    data = load_data(base)
+    check_config(base, data)
+    return data
 
 
 def run_sweep(
@@ -305,6 +340,7 @@ def run_sweep(
     fraction: float = 0.9,
     metric: str = "val_accuracy",
     progress: Callable[[dict], None] | None = None,
+    checkpoint: CheckpointOptions | None = None,
 ) -> dict:
     """The full sweep: baseline (d = 0) and every d, for ``base.seeds``; writes the plot.
 
@@ -315,22 +351,25 @@ def run_sweep(
       changed), null when censored.
 
     Raises:
-      ValueError: a bad argument, or a baseline seed that diverged or is not finite (before
-        the grid is trained).
+      UserError: a bad argument, a d out of range, a batch larger than the training split, or
+        a baseline seed that diverged or is not finite (before the grid is trained).
     """
     if not 0 < fraction <= 1:
-        raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+        raise UserError(f"fraction must be in (0, 1], got {fraction}")
     if metric not in ("val_accuracy", "val_loss"):
-        raise ValueError(f"metric must be one of val_accuracy, val_loss, got {metric!r}")
+        raise UserError(f"metric must be one of val_accuracy, val_loss, got {metric!r}")
     dims = sorted({int(d) for d in dims})
     if not dims or dims[0] < 1:
-        raise ValueError(f"sweep dims must be integers >= 1, got {dims}")
+        raise UserError(f"sweep dims must be integers >= 1, got {dims}")
     out_dir = Path(out_dir)
     seeds = list(base.seeds)
-    data = load_data(base)
-    baseline_runs = run_dims(base, [0], seeds, out_dir, data=data, progress=progress)
+    for d in dims:  # every d's sizes, before the baseline trains
+        check_config(dataclasses.replace(base, dim=d))
+    data = load_checked_data(base)
+    kw = dict(data=data, progress=progress, checkpoint=checkpoint)
+    baseline_runs = run_dims(base, [0], seeds, out_dir, **kw)
     check_sweep_baseline(baseline_runs, metric)
-    runs = run_dims(base, dims, seeds, out_dir, data=data, progress=progress)
+    runs = run_dims(base, dims, seeds, out_dir, **kw)
     summary = summarize_sweep(baseline_runs, runs, fraction=fraction, metric=metric)
     plot = _results.plot_accuracy_vs_dim(
         out_dir / "sweep.png",

@@ -54,6 +54,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from subspace_jax._errors import UserError
 from subspace_jax.models._lenet import LeNet, lenet_spatial_sizes
 from subspace_jax.models._mlp import MLP
 from subspace_jax.models._resnet import ResNet
@@ -297,9 +298,9 @@ def _vit_num_params(
     h, w, c = input_shape
     p, e, m = s["patch"], s["embed_dim"], s["mlp_dim"]
     if h % p or w % p:
-        raise ValueError(f"vit patch {p} must divide the input's height and width, got {h}x{w}")
+        raise UserError(f"vit patch {p} must divide the input's height and width, got {h}x{w}")
     if e % s["heads"]:
-        raise ValueError(f"vit heads ({s['heads']}) must divide embed_dim ({e})")
+        raise UserError(f"vit heads ({s['heads']}) must divide embed_dim ({e})")
     tokens = (h // p) * (w // p) + 1
     block = 4 * (e * e + e) + (e * m + m) + (m * e + e) + 4 * e
     return (p * p * c * e + e) + e + tokens * e + s["depth"] * block + 2 * e + (e + 1) * num_classes

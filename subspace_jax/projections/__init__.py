@@ -20,6 +20,7 @@ from subspace_jax.projections._base import (
     linear_map,
     lr_dim_factor,
     make_projection,
+    projection_from_options,
     projection_names,
     register,
 )
@@ -46,6 +47,7 @@ __all__ = [
     "linear_map",
     "lr_dim_factor",
     "make_projection",
+    "projection_from_options",
     "projection_names",
     "register",
 ]

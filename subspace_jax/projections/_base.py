@@ -33,6 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.interpreters import ad, batching, mlir
 
+from subspace_jax._errors import UserError
+
 State = Any
 Array = jax.Array
 
@@ -62,6 +64,7 @@ class _ProjectionFields(NamedTuple):
     state_bytes: Callable[[int, int], int]
     max_dim: Callable[[int], int]
     description: str
+    options: tuple = ()
 
 
 class Projection(_ProjectionFields):
@@ -83,6 +86,10 @@ class Projection(_ProjectionFields):
       state_bytes: ``(D, d) -> int``, bytes the state holds (what must fit in memory).
       max_dim: ``D -> int``, the largest d allowed (default ``D``).
       description: one line for ``--help`` and docs.
+      options: the keyword arguments its registered factory was called with, as sorted
+        ``(name, value)`` pairs (``(("shared_signs", False),)`` for
+        ``fastfood(shared_signs=False)``); ``()`` for the factory's defaults. A saved model
+        names its projection by ``name`` and ``options`` (:func:`projection_from_options`).
     """
 
     __slots__ = ()
@@ -97,6 +104,7 @@ class Projection(_ProjectionFields):
         state_bytes: Callable[[int, int], int] | None = None,
         max_dim: Callable[[int], int] | None = None,
         description: str = "",
+        options: tuple = (),
     ):
         if state_bytes is None:
             state_bytes = functools.partial(state_bytes_from_init, init)
@@ -110,6 +118,7 @@ class Projection(_ProjectionFields):
             state_bytes,
             max_dim or full_max_dim,
             description,
+            tuple(options),
         )
 
 
@@ -258,13 +267,13 @@ def check_sizes(
     """
     for label, v in (("D", D), ("d", d)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-            raise ValueError(f"{name}: {label} must be an integer, got {v!r}")
+            raise UserError(f"{name}: {label} must be an integer, got {v!r}")
     D, d = int(D), int(d)
     if D <= 0:
-        raise ValueError(f"{name}: D (number of parameters) must be >= 1, got {D}")
+        raise UserError(f"{name}: D (number of parameters) must be >= 1, got {D}")
     hi = D if max_dim is None else max_dim(D)
     if not 1 <= d <= hi:
-        raise ValueError(f"{name}: d must be in [1, {hi}] for D = {D}, got {d}")
+        raise UserError(f"{name}: d must be in [1, {hi}] for D = {D}, got {d}")
     return D, d
 
 
@@ -278,12 +287,14 @@ def make_projection(
     state_bytes: Callable[[int, int], int] | None = None,
     max_dim: Callable[[int], int] | None = None,
     description: str = "",
+    options: dict[str, Any] | None = None,
 ) -> Projection:
     """Assemble a :class:`Projection` from ``init`` and the pair ``mv`` / ``rmv``.
 
     ``apply`` becomes :func:`linear_map` of ``(mv, rmv)`` (every JAX transformation, ``rmv`` as
     the transpose) and ``init`` checks the sizes first. Only ``init``, ``mv`` and ``rmv`` are
-    required; see :class:`Projection` for the defaults of the size metadata.
+    required; see :class:`Projection` for the defaults of the size metadata. A factory with
+    keyword arguments passes them as ``options`` (so a saved model can name the projection).
 
     Example:
       >>> import jax, jax.numpy as jnp
@@ -311,6 +322,7 @@ def make_projection(
         state_bytes=state_bytes,
         max_dim=max_dim,
         description=description,
+        options=tuple(sorted((options or {}).items())),
     )
 
 
@@ -381,7 +393,7 @@ def get_projection(name: str | Projection) -> Projection:
 @functools.cache
 def _lookup(name: str) -> Projection:
     if name not in _REGISTRY:
-        raise ValueError(
+        raise UserError(
             f"unknown projection {name!r}; choose one of: {', '.join(projection_names())}"
         )
     projection = _REGISTRY[name]()
@@ -390,6 +402,29 @@ def _lookup(name: str) -> Projection:
             f"the factory registered as {name!r} returned {type(projection).__name__}, "
             "not a Projection"
         )
+    return projection
+
+
+def projection_from_options(name: str, options: dict[str, Any] | None = None) -> Projection:
+    """The registered projection ``name``, its factory called with ``options`` if any.
+
+    ``projection_from_options(p.name, dict(p.options))`` rebuilds a projection ``p`` made by a
+    registered factory (e.g. ``fastfood(shared_signs=False)``).
+
+    Raises:
+      ValueError: an unknown name, or options its factory does not take.
+    """
+    if not options:
+        return get_projection(name)
+    get_projection(name)  # an unknown name fails here, listing the known ones
+    try:
+        projection = _REGISTRY[name](**options)
+    except TypeError as e:
+        raise ValueError(
+            f"the projection registered as {name!r} does not take the options {options}: {e}"
+        ) from None
+    if not isinstance(projection, Projection):
+        raise ValueError(f"the factory registered as {name!r} returned a non-Projection")
     return projection
 
 
@@ -420,12 +455,48 @@ def lr_dim_factor(d: int) -> float:
 
 
 def default_learning_rate(
-    projection: Projection, D: int, d: int, base: float = SUBSPACE_BASE_LR
+    projection: Any, D: int | None = None, d: int | None = None, base: float = SUBSPACE_BASE_LR
 ) -> float:
     """The default Adam learning rate for ``w``: ``base / E||column|| * lr_dim_factor(d)``.
 
     Adam's step is invariant to the gradient's scale, so the step it takes in parameter space is
     proportional to the column norm of P; dividing by it makes one ``base`` serve every
     projection (all of ours but the unnormalised ones have unit expected column norm).
+
+    Args:
+      projection: a :class:`Projection` (then give ``D`` and ``d``), or a
+        :class:`~subspace_jax.Subspace` (or its :class:`~subspace_jax.Layout`): then every
+        group's own projection and sizes count, its column norm weighted by the group's
+        dimension (a geometric mean), and ``d`` is the length of ``w``.
+      D, d: the sizes, for a ``Projection`` only.
+      base: the learning rate at unit column norm and ``d <= LR_KNEE``.
+
+    Raises:
+      ValueError: a subspace with no projected leaf (direct training has no subspace default),
+        or ``D`` / ``d`` missing for a ``Projection``.
+
+    Example:
+      >>> lr = default_learning_rate(sub)  # sub = init_subspace(key, theta0, 100)
     """
-    return float(base / projection.column_norm(D, d) * lr_dim_factor(d))
+    if isinstance(projection, Projection):
+        if D is None or d is None:
+            raise ValueError("default_learning_rate(projection, D, d) needs the sizes D and d")
+        return float(base / projection.column_norm(D, d) * lr_dim_factor(d))
+    layout = getattr(projection, "layout", projection)
+    groups = getattr(layout, "groups", None)
+    if groups is None:
+        raise ValueError(
+            "default_learning_rate takes a Projection (with D and d) or a Subspace, got "
+            f"{type(projection).__name__}"
+        )
+    if D is not None or d is not None:
+        raise ValueError("default_learning_rate(sub) takes no sizes: the subspace has them")
+    if not groups:
+        raise ValueError(
+            "this subspace projects no leaf (direct training): there is no subspace default "
+            "learning rate (the CLI trains directly at 1e-3)"
+        )
+    norms = [get_projection(g.projection).column_norm(g.size, g.dim) for g in groups]
+    dims = [g.dim for g in groups]
+    norm = float(np.exp(np.average(np.log(norms), weights=dims)))
+    return float(base / norm * lr_dim_factor(sum(dims)))

@@ -249,6 +249,7 @@ def fastfood(*, shared_signs: bool = True) -> Projection:
         state_bytes=state_bytes,
         max_dim=lambda D: D,
         description="Fastfood S H G Pi H B blocks (matrix-free, O(D) memory, unit columns)",
+        options=None if shared_signs else {"shared_signs": False},
     )
 
 

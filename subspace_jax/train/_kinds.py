@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_jax._errors import UserError
 from subspace_jax._subspace import Layout, Subspace, init_trainable, make_layout, to_params
 from subspace_jax.data import Dataset, iterate_batches
 from subspace_jax.projections import DenseState
@@ -86,15 +87,14 @@ def direct_phase(
     shapes = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
     layout = make_layout(shapes, 0)  # every leaf trained directly
     subs = Subspace(theta0=params, proj_states=(), layout=layout)
-    # Copy: the trainable leaves are donated to the step and must not alias theta0.
-    trainables = jax.tree_util.tree_map(jnp.copy, jax.vmap(init_trainable)(subs))
+    trainables = jax.vmap(init_trainable)(subs)  # fresh copies: the step donates them
     opt_states = jax.vmap(optimizer.init)(trainables)
     train_step, _ = compile_steps(apply_fn, optimizer, l2)
 
     def flat(t):
-        n = t["w"].shape[0]
+        n = t.w.shape[0]
         return np.asarray(
-            jax.device_get(jnp.concatenate([x.reshape(n, -1) for x in t["direct"]], axis=1)),
+            jax.device_get(jnp.concatenate([x.reshape(n, -1) for x in t.direct], axis=1)),
             np.float32,
         )
 
@@ -135,7 +135,7 @@ def top_directions(trajectory: np.ndarray, dim: int) -> np.ndarray:
     """
     T, D = trajectory.shape
     if not 1 <= dim <= min(T - 1, D):
-        raise ValueError(
+        raise UserError(
             f"lottery subspace: d = {dim} is out of range for a trajectory of T = {T} points "
             f"(the centred trajectory has rank <= T - 1 = {T - 1}); allowed 1..{min(T - 1, D)}"
         )

@@ -1,10 +1,13 @@
 """One entry point, ``train_and_evaluate(config)``: N seeds trained together in one program.
 
-The loop knows nothing of argument parsing, files or progress bars: it reports progress
-through a callback and returns a JSON-serialisable result (the contract documented in the
-README: ``model, dataset, projection, num_params, dim, val_accuracy, best_val_accuracy,
-test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s, seeds, history, per_seed,
-diverged, diverged_seeds``).
+The loop knows nothing of argument parsing or progress bars: it reports progress through a
+callback and returns ``TrainOutput(result, trained)``, ``result`` a JSON-serialisable dict (the
+contract documented in the README: ``model, dataset, projection, num_params, dim,
+val_accuracy, best_val_accuracy, test_accuracy, step_time_ms, peak_memory_bytes, wall_time_s,
+seeds, history, per_seed, diverged, diverged_seeds``). The steps: :func:`setup_run` (model,
+layout, schedule, data placement), ``_train_seeds`` (initialise, then the epochs of
+:mod:`~subspace_jax.train._epochs`, each in chunks of steps run as one ``lax.scan``) and
+``_result``. With ``checkpoint`` it saves and resumes its state (:mod:`._resume`).
 
 Divergence: the training step is guarded (:func:`~subspace_jax.train.guard_finite`), so a seed
 whose loss or state becomes non-finite stops updating at that step while the other seeds go on;
@@ -17,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -26,6 +30,7 @@ import numpy as np
 import optax
 
 from subspace_jax._checkpoint import load_params
+from subspace_jax._errors import UserError
 from subspace_jax._subspace import (
     Layout,
     Subspace,
@@ -33,17 +38,24 @@ from subspace_jax._subspace import (
     init_from_layout,
     make_layout,
 )
-from subspace_jax.data import (
-    Dataset,
-    data_fingerprint,
-    iterate_batches,
-    load_dataset,
-    num_batches,
-)
+from subspace_jax.data import Dataset, data_fingerprint, load_dataset, num_batches
 from subspace_jax.data._augment import augment_key, augment_step
 from subspace_jax.data._classes import select_classes
 from subspace_jax.models import build_model, classifier_path
 from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_factor
+from subspace_jax.train import _resume
+from subspace_jax.train._epochs import (
+    Loop,
+    Placed,
+    chunk_steps,
+    compile_loop_chunk,
+    epoch_record,
+    evaluate,
+    first_state,
+    live_mean,
+    place_data,
+    run_epochs,
+)
 from subspace_jax.train._kinds import (
     default_lottery_every,
     direct_phase,
@@ -51,7 +63,20 @@ from subspace_jax.train._kinds import (
     lottery_states,
 )
 from subspace_jax.train._metrics import median_ms, peak_memory_bytes
-from subspace_jax.train._step import compile_steps, init_divergence, init_train_vars
+from subspace_jax.train._resume import (
+    ORBAX_MISSING,
+    CheckpointOptions,
+    GroupCheckpointer,
+    run_directory,
+    run_key,
+)
+from subspace_jax.train._step import (
+    compile_chunk,
+    init_divergence,
+    init_train_vars,
+    make_eval_step,
+    split_state,
+)
 from subspace_jax.train._tasks import (
     checkpoint_without_head,
     head_labels,
@@ -257,7 +282,7 @@ def validate_config(config: TrainConfig) -> None:
 def _validate_task(config: TrainConfig) -> None:
     """``augment``, ``classes`` and ``reinit_head``."""
     if not isinstance(config.augment, bool) or not isinstance(config.reinit_head, bool):
-        raise ValueError("augment and reinit_head must be booleans")
+        raise UserError("augment and reinit_head must be booleans")
     c = config.classes
     if c is not None:
         if (
@@ -266,7 +291,7 @@ def _validate_task(config: TrainConfig) -> None:
             or any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in c)
             or len(set(c)) != len(c)
         ):
-            raise ValueError(f"classes must be at least 2 distinct labels >= 0, got {c!r}")
+            raise UserError(f"classes must be at least 2 distinct labels >= 0, got {c!r}")
 
 
 def check_data_fits(config: TrainConfig, data: Dataset) -> None:
@@ -412,16 +437,52 @@ def init_runs(config: TrainConfig, model, layout: Layout, keys: jax.Array) -> Su
     return make_init_fn(model, layout)(keys)
 
 
-def _evaluate(eval_step, subs, trainables, x, y, chunk=1000):
-    n = len(x)
-    loss = 0.0
-    correct = 0.0
-    for start in range(0, n, chunk):
-        l_sum, c = eval_step(subs, trainables, x[start : start + chunk], y[start : start + chunk])
-        loss = loss + l_sum
-        correct = correct + c.astype(jnp.float32)  # int32 counts, summed as float32
-    loss, correct = jax.device_get((loss, correct))
-    return np.asarray(loss) / n, np.asarray(correct) / n
+class Trained(NamedTuple):
+    """What a run trained: the model and, batched over seeds, the subspaces and variables."""
+
+    model: Any
+    subs: Subspace
+    trainables: Any  # Trainable, or TrainVars(Trainable, state) for a model with state
+
+
+class Setup(NamedTuple):
+    """What every group of seeds of a run shares: built once by :func:`setup_run`.
+
+    Attributes:
+      config: the run's config.
+      model: the model (its ``init`` replaced by ``theta0_fn`` or the checkpoint's).
+      theta0_fn: the ``key -> params`` override of the model's init, or None.
+      layout: the subspace layout.
+      data: the dataset (host arrays).
+      placed: where the loop reads the data (:func:`~subspace_jax.train._epochs.place_data`).
+      total_steps: steps of the run.
+      lottery_every: the lottery subspace's recording interval, or None.
+      lr: the learning rate (before any retry).
+      chunk_len: steps per chunk.
+    """
+
+    config: TrainConfig
+    model: Any
+    theta0_fn: Any
+    layout: Layout
+    data: Dataset
+    placed: Placed
+    total_steps: int
+    lottery_every: int | None
+    lr: float
+    chunk_len: int
+
+
+class TrainOutput(NamedTuple):
+    """What :func:`train_and_evaluate` returns: ``result, trained = train_and_evaluate(...)``.
+
+    Attributes:
+      result: the JSON-serialisable result dict (see the module docstring).
+      trained: the :class:`Trained` state (model, subspaces and variables, batched over seeds).
+    """
+
+    result: dict
+    trained: Trained
 
 
 def train_and_evaluate(
@@ -430,8 +491,8 @@ def train_and_evaluate(
     *,
     progress: Progress | None = None,
     theta0_fn: Callable[[jax.Array], Any] | None = None,
-    return_state: bool = False,
-) -> dict | tuple[dict, Trained]:
+    checkpoint: CheckpointOptions | None = None,
+) -> TrainOutput:
     """Train ``len(config.seeds)`` runs together and evaluate them.
 
     A seed whose loss, trainable variables or optimiser state becomes non-finite stops
@@ -443,18 +504,44 @@ def train_and_evaluate(
       config: the run's :class:`TrainConfig`.
       data: a loaded :class:`Dataset` (loaded from the config when None).
       progress: called with ``{"event": "step"|"epoch"|"diverged"|"message", ...}`` dicts
-        while training.
+        while training; ``step`` events come once a chunk of steps (see ``_epochs``).
       theta0_fn: optional ``key -> params`` replacing the model's own initialisation (e.g. a
         pretrained checkpoint for subspace fine-tuning).
-      return_state: also return the :class:`Trained` state.
+      checkpoint: checkpoint the training state with orbax (see ``_resume``) and resume from
+        the latest complete checkpoint of the same run; the caller removes the checkpoints
+        (:func:`remove_checkpoints`) once it has written the result. Ignored, with a warning,
+        when orbax is not installed.
 
     Returns:
-      The result dict (see module docstring); accuracies are means over the seeds that did not
-      diverge (None when every seed diverged), ``per_seed`` holds each seed's with its
-      ``diverged``, ``diverged_step`` (1-based), ``learning_rate`` and ``retries``.
+      A :class:`TrainOutput` ``(result, trained)``. ``result`` is the result dict (see module
+      docstring); accuracies are means over the seeds that did not diverge (None when every
+      seed diverged), ``per_seed`` holds each seed's with its ``diverged``, ``diverged_step``
+      (1-based), ``learning_rate`` and ``retries``.
     """
     validate_config(config)
     t_start = time.perf_counter()
+    setup = setup_run(config, data, theta0_fn)
+    if checkpoint is not None and not _resume.available():
+        warnings.warn(ORBAX_MISSING, stacklevel=2)
+        checkpoint = None
+
+    def train(seeds, lr, retries):
+        saver = None
+        if checkpoint is not None:
+            folder = run_directory(checkpoint, config, setup.data) / f"group-{retries}"
+            per_epoch = num_batches(len(setup.data.x_train), config.batch_size, True)
+            saver = GroupCheckpointer(folder, checkpoint, run_key(config, setup.data), per_epoch)
+        return _train_seeds(setup, tuple(seeds), lr, retries, progress, saver)
+
+    runs = train(config.seeds, setup.lr, 0)
+    if config.on_divergence == "retry":
+        runs = _retry_diverged(runs, setup.lr, config.max_retries, train, progress)
+    result = _result(config, setup.layout, setup.data, setup.theta0_fn, setup.lr, runs, t_start)
+    return TrainOutput(result, Trained(setup.model, runs.subs, runs.trainables))
+
+
+def setup_run(config: TrainConfig, data: Dataset | None, theta0_fn=None) -> Setup:
+    """Check the config against the model, load and place the data, fix the schedule."""
     if data is None:
         # Check the model and the subspace's sizes before reading (possibly large) data.
         expected = build_model(
@@ -469,21 +556,19 @@ def train_and_evaluate(
     model, theta0_fn = _build_model(config, data, theta0_fn)
     layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
     total_steps, lottery_every = _schedule(config, data, layout)
-    lr = resolve_lr(config, layout)
-
-    def train(seeds, lr, retries):
-        cfg = dataclasses.replace(config, seeds=tuple(seeds))
-        return _train_seeds(
-            cfg, model, layout, data, lr, retries, total_steps, lottery_every, progress
-        )
-
-    runs = train(config.seeds, lr, 0)
-    if config.on_divergence == "retry":
-        runs = _retry_diverged(runs, lr, config.max_retries, train, progress)
-    result = _result(config, layout, data, theta0_fn, lr, runs, t_start)
-    if return_state:
-        return result, Trained(model, runs.subs, runs.trainables)
-    return result
+    per_epoch = num_batches(len(data.x_train), config.batch_size, True)
+    return Setup(
+        config=config,
+        model=model,
+        theta0_fn=theta0_fn,
+        layout=layout,
+        data=data,
+        placed=place_data(data),
+        total_steps=total_steps,
+        lottery_every=lottery_every,
+        lr=resolve_lr(config, layout),
+        chunk_len=chunk_steps(per_epoch, total_steps),
+    )
 
 
 def _build_model(config: TrainConfig, data: Dataset, theta0_fn):
@@ -491,7 +576,7 @@ def _build_model(config: TrainConfig, data: Dataset, theta0_fn):
     data_shape = tuple(int(s) for s in data.x_train.shape[1:])
     model = build_model(config.model, data_shape, data.num_classes, **dict(config.model_overrides))
     if model.state_collections and (config.burn_in_steps or config.projection == LOTTERY):
-        raise ValueError(
+        raise UserError(
             f"model {config.model!r} keeps BatchNorm statistics: burn-in and lottery subspaces "
             "are not supported for models with state yet"
         )
@@ -551,118 +636,122 @@ class _Runs(NamedTuple):
     setup_s: float
     steps: int
     subs: Subspace
-    trainables: dict
+    trainables: Any
 
 
 def _train_seeds(
-    config: TrainConfig,
-    model,
-    layout: Layout,
-    data: Dataset,
+    setup: Setup,
+    seeds: tuple[int, ...],
     lr: float,
     retries: int,
-    total_steps: int,
-    lottery_every: int | None,
     progress: Progress | None,
+    saver: GroupCheckpointer | None = None,
 ) -> _Runs:
-    """Train ``config.seeds`` together at learning rate ``lr`` and evaluate them."""
+    """Train ``seeds`` together at learning rate ``lr`` and evaluate them; with ``saver``,
+    resume from its latest checkpoint and checkpoint while training."""
+    config = dataclasses.replace(setup.config, seeds=seeds)
     optimizer = make_optimizer(config.optimizer, lr)
     if config.reinit_head and config.dim:  # the classifier at the direct learning rate
         optimizer = with_direct_lr(make_optimizer, config.optimizer, lr, DIRECT_LR)
-    train_step, eval_step = compile_steps(model.apply, optimizer, config.l2, guard=True)
-    n = len(config.seeds)
-    keys = run_keys(config.seeds)
     t_init = time.perf_counter()
-    if config.burn_in_steps > 0 or config.projection == LOTTERY:
-        subs = _init_with_direct_phase(
-            config, model, layout, keys, data, total_steps, lottery_every, progress
-        )
-    else:
-        subs = init_runs(config, model, layout, keys)
-    check_finite(subs, seeds=config.seeds)
-    trainables = jax.vmap(init_train_vars)(subs)  # with the model's state (BatchNorm), if any
-    # Copy: directly trained leaves are donated to the step and must not alias theta0.
-    trainables = jax.tree_util.tree_map(jnp.copy, trainables)
-    opt_states = jax.vmap(optimizer.init)(trainables)
-    divs = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
-    jax.block_until_ready((subs, trainables, opt_states, divs))
+    subs, state = _init_state(setup, config, optimizer, progress)
+    if saver is not None:
+        state = _resume_from(saver, state, setup.total_steps, seeds, progress)
     setup_s = time.perf_counter() - t_init
-
-    epochs = []
-    step_times: list[float] = []
-    best_val = np.full(n, -np.inf)
-    reported = np.zeros(n, bool)
-    step = 0
-    for epoch in range(config.epochs):
-        if step >= total_steps:
-            break
-        t_epoch = time.perf_counter()
-        losses, accs = [], []
-        for xb, yb in iterate_batches(
-            data.x_train, data.y_train, config.batch_size, seed=config.data_seed, epoch=epoch
-        ):
-            if step >= total_steps:
-                break
-            t = time.perf_counter()
-            if config.augment:
-                xb = augment_step(augment_key(config.data_seed), jnp.int32(step), xb)
-            trainables, opt_states, divs, loss, acc = train_step(
-                subs, trainables, opt_states, divs, xb, yb
-            )
-            loss.block_until_ready()
-            if step > 0:  # the first call compiles
-                step_times.append(time.perf_counter() - t)
-            losses.append(loss)
-            accs.append(acc)
-            step += 1
-            if progress is not None:
-                progress(
-                    {"event": "step", "step": step, "total_steps": total_steps, "epoch": epoch}
-                )
-        # The divergence flags are read here, once an epoch, with the losses.
-        losses, accs, diverged_at = jax.device_get((losses, accs, divs.at))
-        val_loss, val_acc = _evaluate(eval_step, subs, trainables, data.x_val, data.y_val)
-        best_val = np.maximum(best_val, val_acc)
-        raw = {
-            "epoch": epoch + 1,
-            "steps": step,
-            "train_loss": np.mean(np.stack(losses), axis=0),
-            "train_accuracy": np.mean(np.stack(accs), axis=0),
-            "val_loss": val_loss,
-            "val_accuracy": val_acc,
-            "diverged_at": np.asarray(diverged_at),
-            "epoch_time_s": time.perf_counter() - t_epoch,
-        }
-        epochs.append(raw)
-        if progress is not None:
-            for i in np.flatnonzero((raw["diverged_at"] > 0) & ~reported):
-                progress(
-                    {
-                        "event": "diverged",
-                        "seed": int(config.seeds[i]),
-                        "step": int(raw["diverged_at"][i]),
-                        "learning_rate": lr,
-                    }
-                )
-            reported |= raw["diverged_at"] > 0
-            progress({"event": "epoch", **_epoch_record(raw)})
-
-    test_loss, test_acc = _evaluate(eval_step, subs, trainables, data.x_test, data.y_test)
+    chunk_fn = compile_chunk(
+        setup.model.apply,
+        optimizer,
+        config.l2,
+        gather=setup.placed.on_device,
+        augment=_augmenter(config),
+    )
+    loop = Loop(
+        chunk=compile_loop_chunk(
+            chunk_fn, subs, state, setup.placed, setup.data, setup.chunk_len, config.batch_size
+        ),
+        eval_step=jax.jit(jax.vmap(make_eval_step(setup.model.apply), in_axes=(0, 0, None, None))),
+        subs=subs,
+        placed=setup.placed,
+        data=setup.data,
+        batch_size=config.batch_size,
+        data_seed=config.data_seed,
+        epochs=config.epochs,
+        total_steps=setup.total_steps,
+        chunk_len=setup.chunk_len,
+        seeds=seeds,
+        lr=lr,
+    )
+    try:
+        state = run_epochs(loop, state, progress, on_chunk=saver)
+    finally:
+        if saver is not None:
+            saver.close()
+    test_loss, test_acc = evaluate(loop.eval_step, subs, state.trainables, *setup.placed.test)
     return _Runs(
-        seeds=tuple(int(s) for s in config.seeds),
-        learning_rates=np.full(n, lr),
-        retries=np.full(n, retries),
-        epochs=epochs,
-        best_val=best_val,
+        seeds=tuple(int(s) for s in seeds),
+        learning_rates=np.full(len(seeds), lr),
+        retries=np.full(len(seeds), retries),
+        epochs=state.epochs,
+        best_val=state.best_val,
         test_loss=test_loss,
         test_acc=test_acc,
-        diverged_at=np.asarray(epochs[-1]["diverged_at"]),
-        step_times=step_times,
+        diverged_at=np.asarray(state.epochs[-1]["diverged_at"]),
+        step_times=state.step_times,
         setup_s=setup_s,
-        steps=step,
+        steps=state.step,
         subs=subs,
-        trainables=trainables,
+        trainables=state.trainables,
     )
+
+
+def _augmenter(config: TrainConfig):
+    """``augment(step, xb)`` of the scan body (``config.augment``), or None."""
+    if not config.augment:
+        return None
+    key = augment_key(config.data_seed)
+    return lambda step, xb: augment_step(key, step, xb)
+
+
+def _resume_from(saver: GroupCheckpointer, state, total_steps: int, seeds, progress):
+    """``state`` advanced to the saver's latest checkpoint (if any), announced."""
+    state = saver.restore(state)
+    if state.step and progress is not None:
+        progress(
+            {
+                "event": "message",
+                "text": f"resuming seeds {list(seeds)} from the checkpoint at step "
+                f"{state.step} of {total_steps} (epoch {state.epoch + 1}, "
+                f"step {state.epoch_step} of it)",
+            }
+        )
+    return state
+
+
+def _init_state(setup: Setup, config: TrainConfig, optimizer, progress) -> tuple:
+    """``(subs, first LoopState)`` of ``config.seeds``: subspaces, variables, optimiser."""
+    keys = run_keys(config.seeds)
+    if config.burn_in_steps > 0 or config.projection == LOTTERY:
+        subs = _init_with_direct_phase(
+            config,
+            setup.model,
+            setup.layout,
+            keys,
+            setup.data,
+            setup.total_steps,
+            setup.lottery_every,
+            progress,
+        )
+    else:
+        subs = init_runs(config, setup.model, setup.layout, keys)
+    check_finite(subs, seeds=config.seeds)
+    # Fresh copies (the step donates them), with the model's state (BatchNorm), if any: the
+    # optimiser sees only the Trainable.
+    trainables = jax.vmap(init_train_vars)(subs)
+    opt_states = jax.vmap(optimizer.init)(split_state(trainables)[0])
+    n = len(config.seeds)
+    divs = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
+    jax.block_until_ready((subs, trainables, opt_states, divs))
+    return subs, first_state(trainables, opt_states, divs, n)
 
 
 def _retry_diverged(runs: _Runs, lr: float, max_retries: int, train, progress) -> _Runs:
@@ -721,35 +810,11 @@ def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
     )
 
 
-def _live_mean(values: np.ndarray, diverged: np.ndarray) -> float | None:
-    """The mean over the seeds that did not diverge; None when every seed diverged."""
-    live = np.asarray(values)[~diverged]
-    return float(np.mean(live)) if live.size else None
-
-
-def _epoch_record(raw: dict) -> dict:
-    """One ``history`` entry: means over the seeds not diverged by the epoch's end."""
-    diverged = raw["diverged_at"] > 0
-    return {
-        "epoch": raw["epoch"],
-        "steps": raw["steps"],
-        "train_loss": _live_mean(raw["train_loss"], diverged),
-        "train_accuracy": _live_mean(raw["train_accuracy"], diverged),
-        "val_loss": _live_mean(raw["val_loss"], diverged),
-        "val_accuracy": _live_mean(raw["val_accuracy"], diverged),
-        "per_seed_val_accuracy": [float(a) for a in raw["val_accuracy"]],
-        "per_seed_val_loss": [float(a) for a in raw["val_loss"]],
-        "per_seed_train_loss": [float(a) for a in raw["train_loss"]],
-        "per_seed_diverged": [bool(d) for d in diverged],
-        "epoch_time_s": raw["epoch_time_s"],
-    }
-
-
 def _result(
     config: TrainConfig, layout: Layout, data: Dataset, theta0_fn, lr: float, runs: _Runs, t_start
 ) -> dict:
     """The JSON-serialisable result of a run that started at ``t_start`` (``perf_counter``)."""
-    history = [_epoch_record(raw) for raw in runs.epochs]
+    history = [epoch_record(raw) for raw in runs.epochs]
     final_val = np.asarray(history[-1]["per_seed_val_accuracy"])
     diverged = runs.diverged_at > 0
     per_seed = [
@@ -777,10 +842,10 @@ def _result(
         "per_layer": bool(config.per_layer),
         "theta0": _theta0_source(config, theta0_fn),
         "burn_in_steps": int(config.burn_in_steps),
-        "val_accuracy": _live_mean(final_val, diverged),
-        "best_val_accuracy": _live_mean(runs.best_val, diverged),
-        "test_accuracy": _live_mean(runs.test_acc, diverged),
-        "test_loss": _live_mean(runs.test_loss, diverged),
+        "val_accuracy": live_mean(final_val, diverged),
+        "best_val_accuracy": live_mean(runs.best_val, diverged),
+        "test_accuracy": live_mean(runs.test_acc, diverged),
+        "test_loss": live_mean(runs.test_loss, diverged),
         "diverged": bool(diverged.any()),
         "diverged_seeds": [int(s) for s, d in zip(runs.seeds, diverged, strict=True) if d],
         "step_time_ms": median_ms(runs.step_times),
@@ -843,11 +908,3 @@ def _init_with_direct_phase(
             theta0=theta0, proj_states=lottery_states(trajectory, layout), layout=layout
         )
     return jax.jit(jax.vmap(lambda k, th: init_from_layout(k, th, layout)))(k_proj, params)
-
-
-class Trained(NamedTuple):
-    """What a run trained: the model and, batched over seeds, the subspaces and variables."""
-
-    model: Any
-    subs: Subspace
-    trainables: dict

@@ -5,13 +5,14 @@ holds P) is an argument, never a closure, so a large P is not baked into the com
 as a constant. ``jax.vmap`` over the first three arguments trains several seeds in one program.
 
 Model state (BatchNorm statistics): a model with mutable collections trains with the
-trainable dict of :func:`init_train_vars`, which carries them under ``"state"`` beside what
-optax trains (``{"w", "direct", "state": {"batch_stats": ...}}``). The step then runs the model
-in training mode (``apply_fn(variables, x, train=True) -> (logits, updates)``: batch
-statistics, the running statistics updated), gives the state a zero gradient and replaces it by
-the updates, so the statistics are never projected or moved by the optimiser; evaluation uses
-the running statistics (``apply_fn(variables, x)``). A trainable without ``"state"`` trains
-exactly as before.
+:class:`TrainVars` of :func:`init_train_vars`, ``TrainVars(trainable, state)``: the
+:class:`~subspace_jax.Trainable` that optax initialises and updates, and beside it the state
+(``{"batch_stats": ...}``), which optax never sees (the optimiser is initialised on
+``vars.trainable`` only) and which is never projected. The step then runs the model in
+training mode (``apply_fn(variables, x, train=True) -> (logits, updates)``: batch statistics,
+the running statistics updated) and replaces the state by the updates; evaluation uses the
+running statistics (``apply_fn(variables, x)``). A model without state trains with the plain
+``Trainable`` exactly as before.
 
 :func:`guard_finite` wraps a training step so that a run whose loss or state becomes
 non-finite stops updating and records the step (like ``optax.apply_if_finite``, but for good):
@@ -27,34 +28,46 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from subspace_jax._subspace import Subspace, all_finite, init_trainable, to_params
+from subspace_jax._subspace import Subspace, Trainable, all_finite, init_trainable, to_params
 
 PyTree = Any
 ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
 
-#: Key of a trainable dict holding the model's mutable collections (not trained by optax).
-STATE = "state"
+
+class TrainVars(NamedTuple):
+    """What a model with state (BatchNorm statistics) carries through training.
+
+    Attributes:
+      trainable: the :class:`~subspace_jax.Trainable` (what optax initialises and updates).
+      state: the model's other collections, e.g. ``{"batch_stats": ...}``: replaced by the
+        model's own updates at each step, never seen by the optimiser, never projected.
+    """
+
+    trainable: Trainable
+    state: dict
 
 
-def init_train_vars(sub: Subspace) -> dict:
-    """:func:`~subspace_jax.init_trainable`, plus the model's state when it has any.
+def init_train_vars(sub: Subspace) -> Trainable | TrainVars:
+    """:func:`~subspace_jax.init_trainable`, with the model's state when it has any.
 
     Returns:
-      ``init_trainable(sub)``, with ``"state": sub.other_collections`` (e.g.
-      ``{"batch_stats": ...}``) when the subspace's variables have collections that are not
-      projected. Vmap it over a batch of subspaces like ``init_trainable``.
+      ``init_trainable(sub)`` when the subspace's variables have no collections besides the
+      projected ones; else ``TrainVars(init_trainable(sub), state)``, ``state`` a copy of
+      ``sub.other_collections`` (e.g. ``{"batch_stats": ...}``; a copy: the step donates it).
+      Vmap it over a batch of subspaces like ``init_trainable``.
     """
     trainable = init_trainable(sub)
-    if sub.other_collections:
-        trainable[STATE] = {k: v for k, v in sub.other_collections.items()}
-    return trainable
+    if not sub.other_collections:
+        return trainable
+    state = jax.tree_util.tree_map(jnp.copy, dict(sub.other_collections))
+    return TrainVars(trainable, state)
 
 
-def split_state(trainable) -> tuple[Any, dict | None]:
-    """``(trainable without "state", state or None)``."""
-    if isinstance(trainable, dict) and STATE in trainable:
-        return {k: v for k, v in trainable.items() if k != STATE}, trainable[STATE]
-    return trainable, None
+def split_state(train_vars) -> tuple[Any, dict | None]:
+    """``(trainable, state)`` of a :class:`TrainVars`; ``(train_vars, None)`` otherwise."""
+    if isinstance(train_vars, TrainVars):
+        return train_vars.trainable, train_vars.state
+    return train_vars, None
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -105,6 +118,10 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
       optimizer: an optax transformation; it is initialised on ``trainable`` only.
       l2: weight of ``0.5 * ||theta||^2`` added to the loss.
 
+    ``trainable`` is a :class:`~subspace_jax.Trainable`, or for a model with state a
+    :class:`TrainVars` (``opt_state`` then from ``optimizer.init(vars.trainable)``): the step
+    runs the model in training mode and returns the updated state in the new ``TrainVars``.
+
     Returns:
       A pure step; wrap it in ``jax.jit`` (and ``jax.vmap`` over seeds) yourself, or use
       :func:`compile_steps`.
@@ -113,7 +130,7 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
     state_grad_fn = jax.value_and_grad(_make_state_loss_fn(apply_fn, l2), has_aux=True)
 
     def step(sub, trainable, opt_state, x, y):
-        if STATE in trainable:
+        if isinstance(trainable, TrainVars):
             return state_step(sub, trainable, opt_state, x, y)
         (loss, acc), grads = grad_fn(trainable, sub, x, y)
         # optax's Adam computes decay ** count (float ** int32): only standard promotion allows it.
@@ -122,16 +139,13 @@ def make_train_step(apply_fn: ApplyFn, optimizer: optax.GradientTransformation, 
         trainable = optax.apply_updates(trainable, updates)
         return trainable, opt_state, loss, acc
 
-    def state_step(sub, trainable, opt_state, x, y):
-        inner, state = split_state(trainable)
+    def state_step(sub, train_vars: TrainVars, opt_state, x, y):
+        inner, state = train_vars
         (loss, (acc, new_state)), grads = state_grad_fn(inner, sub, state, x, y)
-        # The state is in the optimiser's tree (it was initialised on the whole dict) but gets
-        # a zero gradient, and its update is dropped: the model's own update replaces it.
-        grads = {**grads, STATE: jax.tree_util.tree_map(jnp.zeros_like, state)}
         with jax.numpy_dtype_promotion("standard"):
-            updates, opt_state = optimizer.update(grads, opt_state, trainable)
-        trainable = {**optax.apply_updates(trainable, updates), STATE: new_state}
-        return trainable, opt_state, loss, acc
+            updates, opt_state = optimizer.update(grads, opt_state, inner)
+        # The statistics are not trained: the model's own update replaces them.
+        return TrainVars(optax.apply_updates(inner, updates), new_state), opt_state, loss, acc
 
     return step
 
@@ -201,7 +215,8 @@ def guard_finite(step):
 def make_eval_step(apply_fn: ApplyFn):
     """Build ``eval(sub, trainable, x, y) -> (sum of losses, number correct)`` over a chunk.
 
-    A model's state in ``trainable["state"]`` (running BatchNorm statistics) is used as is.
+    ``trainable`` may be a :class:`TrainVars`: its state (running BatchNorm statistics) is
+    used as is.
     """
 
     def evaluate(sub, trainable, x, y):
@@ -239,3 +254,70 @@ def compile_steps(
         donate = (1, 2)
     evaluate = jax.vmap(make_eval_step(apply_fn), in_axes=(0, 0, None, None))
     return jax.jit(train, donate_argnums=donate), jax.jit(evaluate)
+
+
+def compile_chunk(
+    apply_fn: ApplyFn,
+    optimizer: optax.GradientTransformation,
+    l2: float = 0.0,
+    *,
+    gather: bool = True,
+    augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+):
+    """A chunk of guarded, seed-vmapped training steps as one jitted ``lax.scan``.
+
+    The device runs the whole chunk without returning to the host: no per-step dispatch and no
+    per-step synchronisation. Each step is :func:`guard_finite`'s step, vmapped over seeds as in
+    :func:`compile_steps` (the same batch for every seed); a step whose ``valid`` flag is False
+    is skipped (``lax.cond`` on an unbatched flag: no compute, the state passes through), so
+    chunks of one static length cover an epoch of any length and ``max_steps`` without
+    recompiling.
+
+    With ``gather=True`` (the training split on the device)::
+
+      chunk(subs, trainables, opt_states, divs, (x, y), (rows, valid))
+
+    with ``x: (N_train, ...)``, ``y: (N_train,)`` device arrays, ``rows: (L, B)`` int32 indices
+    of each step's batch and ``valid: (L,)`` bool; the batch ``x[rows[i]]`` is gathered on the
+    device. With ``gather=False`` (batches fed from the host)::
+
+      chunk(subs, trainables, opt_states, divs, (), (xb, yb, valid))
+
+    with ``xb: (L, B, ...)``, ``yb: (L, B)`` the chunk's stacked batches.
+
+    With ``augment``, each step's batch is ``augment(step, xb)`` inside the scan, ``step`` the
+    0-based number of the step in the run (int32; the divergence records count the steps
+    attempted, the same for every seed), so a resumed run augments as an uninterrupted one.
+
+    Returns:
+      ``(trainables, opt_states, divs, losses (L, N), accuracies (L, N))``; the rows of skipped
+      steps are zeros. The trainable, optimiser and divergence states are donated.
+    """
+    step = jax.vmap(
+        guard_finite(make_train_step(apply_fn, optimizer, l2)), in_axes=(0, 0, 0, 0, None, None)
+    )
+
+    def chunk(subs, trainables, opt_states, divs, data, xs):
+        def body(carry, inputs):
+            if gather:
+                rows, valid = inputs
+                x, y = data
+                xb, yb = x[rows], y[rows]
+            else:
+                xb, yb, valid = inputs
+
+            def run(c):
+                x_step = xb if augment is None else augment(c[2].steps[0], xb)
+                t, o, dv, loss, acc = step(subs, *c, x_step, yb)
+                return (t, o, dv), (loss, acc)
+
+            def skip(c):
+                out = jax.eval_shape(run, c)[1]
+                return c, jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), out)
+
+            return jax.lax.cond(valid, run, skip, carry)
+
+        carry, (losses, accs) = jax.lax.scan(body, (trainables, opt_states, divs), xs)
+        return (*carry, losses, accs)
+
+    return jax.jit(chunk, donate_argnums=(1, 2, 3))

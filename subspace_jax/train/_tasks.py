@@ -19,7 +19,8 @@ import numpy as np
 import optax
 
 from subspace_jax._checkpoint import _read_leaves, _suffix
-from subspace_jax._subspace import to_params
+from subspace_jax._errors import UserError
+from subspace_jax._subspace import Trainable, to_params
 from subspace_jax._tree import path_to_str
 from subspace_jax.train._step import split_state
 
@@ -44,10 +45,14 @@ def with_direct_lr(
     direct_lr: float,
 ) -> optax.GradientTransformation:
     """``make(name, lr)`` for the subspace coordinates, ``make(name, direct_lr)`` for the
-    directly trained leaves (the trainable dict's ``"direct"`` entry)."""
+    directly trained leaves (the :class:`~subspace_jax.Trainable`'s ``direct``)."""
 
-    def labels(trainable):
-        return {k: "direct" if k == "direct" else "subspace" for k in trainable}
+    def labels(trainable: Trainable) -> Trainable:
+        return Trainable(
+            w="subspace",
+            direct=tuple("direct" for _ in trainable.direct),
+            scales=None if trainable.scales is None else "subspace",
+        )
 
     return optax.multi_transform(
         {"subspace": make(name, lr), "direct": make(name, direct_lr)}, labels
@@ -92,7 +97,7 @@ def checkpoint_without_head(path: str, model) -> Callable[[jax.Array], PyTree]:
             parts.append(f"unexpected leaves {extra}")
         if bad:
             parts.append(f"wrong shapes ({'; '.join(bad)})")
-        raise ValueError(
+        raise UserError(
             f"checkpoint {str(path)!r} does not match the model outside its classifier "
             f"{model.head!r}: {', '.join(parts)}"
         )
@@ -129,8 +134,8 @@ def first_seed_variables(trained) -> PyTree:
     trained leaves) and the model's state (BatchNorm statistics), on the host.
 
     Args:
-      trained: the :class:`~subspace_jax.train.Trained` of ``train_and_evaluate(...,
-        return_state=True)`` (leading axis = seed).
+      trained: the :class:`~subspace_jax.train.Trained` of ``train_and_evaluate`` (its
+        ``TrainOutput.trained``; leading axis = seed).
 
     Returns:
       The variables ``model.init`` gives (``{"params": ..., "batch_stats": ...}``), a

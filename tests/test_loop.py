@@ -1,0 +1,145 @@
+"""The epoch loop: chunks of steps as one ``lax.scan``, the data on the device or fed from
+the host, against a plain per-step reference loop (the loop as it was before the scan)."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from subspace_jax._subspace import init_trainable
+from subspace_jax.data import iterate_batches, num_batches, shuffle_order
+from subspace_jax.train import (
+    TrainConfig,
+    _epochs,
+    compile_steps,
+    config_layout,
+    init_divergence,
+    init_runs,
+    load_data,
+    make_optimizer,
+    resolve_lr,
+    run_keys,
+    train_and_evaluate,
+)
+from subspace_jax.train._loop import _build_model
+
+# 3500 training examples / 64 = 54 steps an epoch; 70 steps end inside the second epoch.
+BASE = TrainConfig(model="mlp_small", epochs=3, max_steps=70, batch_size=64, seeds=(0, 1))
+TIMING = {"wall_time_s", "step_time_ms", "peak_memory_bytes", "setup_time_s", "epoch_time_s"}
+
+
+@pytest.fixture(scope="module")
+def data():
+    return load_data(BASE)
+
+
+def _untimed(x):
+    if isinstance(x, dict):
+        return {k: _untimed(v) for k, v in x.items() if k not in TIMING}
+    if isinstance(x, list):
+        return [_untimed(v) for v in x]
+    return x
+
+
+def reference_run(config: TrainConfig, data):
+    """One host-fed jitted step at a time, one evaluation call per split: ``(trainables,
+    [(epoch's per-step losses (S, N), val accuracy (N,))])``."""
+    model, _ = _build_model(config, data, None)
+    layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
+    opt = make_optimizer(config.optimizer, resolve_lr(config, layout))
+    train_step, eval_step = compile_steps(model.apply, opt, config.l2, guard=True)
+    subs = init_runs(config, model, layout, run_keys(config.seeds))
+    t = jax.tree_util.tree_map(jnp.copy, jax.vmap(init_trainable)(subs))
+    o = jax.vmap(opt.init)(t)
+    n = len(config.seeds)
+    div = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
+    total = min(config.max_steps, config.epochs * num_batches(len(data.x_train), 64))
+    step, curves = 0, []
+    for epoch in range(config.epochs):
+        losses = []
+        for xb, yb in iterate_batches(
+            data.x_train, data.y_train, config.batch_size, seed=config.data_seed, epoch=epoch
+        ):
+            if step == total:
+                break
+            t, o, div, loss, _ = train_step(subs, t, o, div, xb, yb)
+            losses.append(np.asarray(loss))
+            step += 1
+        _, correct = eval_step(subs, t, data.x_val, data.y_val)
+        curves.append((np.stack(losses), np.asarray(correct) / len(data.y_val)))
+        if step == total:
+            break
+    return jax.device_get(t), curves
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "kind", [dict(dim=0), dict(dim=60, projection="fastfood")], ids=["direct", "fastfood"]
+)
+def test_scan_loop_gives_the_per_step_loop_numbers(data, kind):
+    config = dataclasses.replace(BASE, **kind)
+    result, trained = train_and_evaluate(config, data)
+    ref_t, curves = reference_run(config, data)
+    # The same steps on the same batches: the variables agree to float tolerance (on this CPU
+    # they are bit-identical; XLA may fuse a step inside a scan differently elsewhere).
+    for got, want in zip(
+        jax.tree_util.tree_leaves(jax.device_get(trained.trainables)),
+        jax.tree_util.tree_leaves(ref_t),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+    assert [h["steps"] for h in result["history"]] == [54, 70]
+    assert result["steps"] == 70
+    for h, (losses, val_acc) in zip(result["history"], curves, strict=True):
+        np.testing.assert_allclose(h["per_seed_train_loss"], losses.mean(0), rtol=1e-6)
+        np.testing.assert_allclose(h["per_seed_val_accuracy"], val_acc, rtol=1e-6)
+    assert np.isfinite(result["step_time_ms"]) and result["step_time_ms"] > 0
+
+
+@pytest.mark.slow
+def test_host_fed_batches_and_any_chunk_length_give_the_same_run(data, monkeypatch):
+    config = dataclasses.replace(BASE, dim=40, projection="dense", seeds=(3,))
+    events = []
+    on_device = train_and_evaluate(config, data, progress=events.append).result
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    # Chunks of 32 steps: 32 + 22 in epoch 1, 16 (of a padded 32) in epoch 2.
+    assert steps == [32, 54, 70]
+    assert [e["epoch"] for e in events if e["event"] == "epoch"] == [1, 2]
+
+    monkeypatch.setattr(_epochs, "DEVICE_DATA_FRACTION", 0.0)  # nothing fits: host batches
+    monkeypatch.setattr(_epochs, "MIN_CHUNK_STEPS", 5)  # ceil(54 / 10) = 6 steps a chunk
+    events = []
+    host = train_and_evaluate(config, data, progress=events.append).result
+    steps = [e["step"] for e in events if e["event"] == "step"]
+    assert steps == [*range(6, 55, 6), 60, 66, 70]
+    assert _untimed(host) == _untimed(on_device)
+
+
+def test_place_data_respects_the_size_limit(data):
+    size = sum(a.nbytes for a in data[:6])
+    placed = _epochs.place_data(data, limit=size)
+    assert placed.on_device and isinstance(placed.train[0], jax.Array)
+    np.testing.assert_array_equal(np.asarray(placed.val[1]), data.y_val)
+    host = _epochs.place_data(data, limit=size - 1)
+    assert not host.on_device and host.train == () and host.test[0] is data.x_test
+
+
+def test_chunk_steps():
+    assert _epochs.chunk_steps(429, 4290) == 43  # MNIST, batch 128: 10 chunks an epoch
+    assert _epochs.chunk_steps(54, 1000) == 32  # at least MIN_CHUNK_STEPS ...
+    assert _epochs.chunk_steps(10, 1000) == 10  # ... but no more than an epoch
+    assert _epochs.chunk_steps(54, 3) == 3  # or the run
+
+
+def test_shuffle_order_is_the_order_of_iterate_batches():
+    x, y = np.arange(50)[:, None] * 10, np.arange(50)
+    for epoch in (0, 3):
+        order = shuffle_order(50, seed=7, epoch=epoch)
+        got = [yb for _, yb in iterate_batches(x, y, 8, seed=7, epoch=epoch)]
+        np.testing.assert_array_equal(np.concatenate(got), y[order[:48]])
+        assert sorted(order) == list(range(50))
+    assert not np.array_equal(
+        shuffle_order(50, seed=7, epoch=0), shuffle_order(50, seed=7, epoch=1)
+    )
