@@ -10,6 +10,7 @@ import pytest
 
 from subspace_jax._subspace import init_trainable
 from subspace_jax.data import iterate_batches, num_batches, shuffle_order
+from subspace_jax.data._augment import augment, batch_key
 from subspace_jax.train import (
     TrainConfig,
     _epochs,
@@ -64,6 +65,8 @@ def reference_run(config: TrainConfig, data):
         ):
             if step == total:
                 break
+            if config.augment:  # the per-step loop's augmentation: the step's own key
+                xb = augment(batch_key(config.data_seed, step), jnp.asarray(xb))
             t, o, div, loss, _ = train_step(subs, t, o, div, xb, yb)
             losses.append(np.asarray(loss))
             step += 1
@@ -76,7 +79,9 @@ def reference_run(config: TrainConfig, data):
 
 @pytest.mark.slow
 @pytest.mark.parametrize(
-    "kind", [dict(dim=0), dict(dim=60, projection="fastfood")], ids=["direct", "fastfood"]
+    "kind",
+    [dict(dim=0), dict(dim=60, projection="fastfood"), dict(dim=0, augment=True)],
+    ids=["direct", "fastfood", "augment"],
 )
 def test_scan_loop_gives_the_per_step_loop_numbers(data, kind):
     config = dataclasses.replace(BASE, **kind)
