@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_jax import sharding
 from subspace_jax._checkpoint import load_params
 from subspace_jax._subspace import (
     Layout,
@@ -364,15 +365,16 @@ def init_runs(config: TrainConfig, model, layout: Layout, keys: jax.Array) -> Su
     return make_init_fn(model, layout)(keys)
 
 
-def _evaluate(eval_step, subs, trainables, x, y, chunk=1000):
+def _evaluate(eval_step, subs, trainables, x, y, chunk=1000, mesh=None):
     n = len(x)
     loss = 0.0
     correct = 0.0
     for start in range(0, n, chunk):
-        l_sum, c = eval_step(subs, trainables, x[start : start + chunk], y[start : start + chunk])
+        xc, yc = sharding.shard_batch(mesh, x[start : start + chunk], y[start : start + chunk])
+        l_sum, c = eval_step(subs, trainables, xc, yc)
         loss = loss + l_sum
         correct = correct + c.astype(jnp.float32)  # int32 counts, summed as float32
-    loss, correct = jax.device_get((loss, correct))
+    loss, correct = sharding.fetch((loss, correct))
     return np.asarray(loss) / n, np.asarray(correct) / n
 
 
@@ -383,6 +385,7 @@ def train_and_evaluate(
     progress: Progress | None = None,
     theta0_fn: Callable[[jax.Array], Any] | None = None,
     return_state: bool = False,
+    mesh: sharding.Mesh | sharding.MeshPlan | None = None,
 ) -> dict | tuple[dict, Trained]:
     """Train ``len(config.seeds)`` runs together and evaluate them.
 
@@ -399,6 +402,9 @@ def train_and_evaluate(
       theta0_fn: optional ``key -> params`` replacing the model's own initialisation (e.g. a
         pretrained checkpoint for subspace fine-tuning).
       return_state: also return the :class:`Trained` state.
+      mesh: a ``jax.sharding.Mesh`` or :class:`~subspace_jax.sharding.MeshPlan` to train on
+        (seeds, batch and parameters spread over its devices); None: the default plan
+        (:func:`subspace_jax.sharding.use_plan`, set by the CLI), else one device.
 
     Returns:
       The result dict (see module docstring); accuracies are means over the seeds that did not
@@ -426,13 +432,15 @@ def train_and_evaluate(
     def train(seeds, lr, retries):
         cfg = dataclasses.replace(config, seeds=tuple(seeds))
         return _train_seeds(
-            cfg, model, layout, data, lr, retries, total_steps, lottery_every, progress
+            cfg, model, layout, data, lr, retries, total_steps, lottery_every, progress, mesh
         )
 
     runs = train(config.seeds, lr, 0)
     if config.on_divergence == "retry":
         runs = _retry_diverged(runs, lr, config.max_retries, train, progress)
     result = _result(config, layout, data, theta0_fn, lr, runs, t_start)
+    run_mesh = sharding.resolve_mesh(mesh, len(config.seeds), config.batch_size)
+    result.update(_devices_record(run_mesh))
     if return_state:
         return result, Trained(model, runs.subs, runs.trainables)
     return result
@@ -506,8 +514,10 @@ def _train_seeds(
     total_steps: int,
     lottery_every: int | None,
     progress: Progress | None,
+    mesh=None,
 ) -> _Runs:
     """Train ``config.seeds`` together at learning rate ``lr`` and evaluate them."""
+    mesh = sharding.resolve_mesh(mesh, len(config.seeds), config.batch_size)
     optimizer = make_optimizer(config.optimizer, lr)
     train_step, eval_step = compile_steps(model.apply, optimizer, config.l2, guard=True)
     n = len(config.seeds)
@@ -525,6 +535,9 @@ def _train_seeds(
     trainables = jax.tree_util.tree_map(jnp.copy, trainables)
     opt_states = jax.vmap(optimizer.init)(trainables)
     divs = jax.tree_util.tree_map(lambda x: jnp.zeros((n,), x.dtype), init_divergence())
+    subs, trainables, opt_states, divs = sharding.place_state(
+        mesh, subs, trainables, opt_states, divs
+    )
     jax.block_until_ready((subs, trainables, opt_states, divs))
     setup_s = time.perf_counter() - t_init
 
@@ -544,6 +557,7 @@ def _train_seeds(
             if step >= total_steps:
                 break
             t = time.perf_counter()
+            xb, yb = sharding.shard_batch(mesh, xb, yb)
             trainables, opt_states, divs, loss, acc = train_step(
                 subs, trainables, opt_states, divs, xb, yb
             )
@@ -558,8 +572,10 @@ def _train_seeds(
                     {"event": "step", "step": step, "total_steps": total_steps, "epoch": epoch}
                 )
         # The divergence flags are read here, once an epoch, with the losses.
-        losses, accs, diverged_at = jax.device_get((losses, accs, divs.at))
-        val_loss, val_acc = _evaluate(eval_step, subs, trainables, data.x_val, data.y_val)
+        losses, accs, diverged_at = sharding.fetch((losses, accs, divs.at))
+        val_loss, val_acc = _evaluate(
+            eval_step, subs, trainables, data.x_val, data.y_val, mesh=mesh
+        )
         best_val = np.maximum(best_val, val_acc)
         raw = {
             "epoch": epoch + 1,
@@ -585,7 +601,9 @@ def _train_seeds(
             reported |= raw["diverged_at"] > 0
             progress({"event": "epoch", **_epoch_record(raw)})
 
-    test_loss, test_acc = _evaluate(eval_step, subs, trainables, data.x_test, data.y_test)
+    test_loss, test_acc = _evaluate(
+        eval_step, subs, trainables, data.x_test, data.y_test, mesh=mesh
+    )
     return _Runs(
         seeds=tuple(int(s) for s in config.seeds),
         learning_rates=np.full(n, lr),
@@ -734,6 +752,17 @@ def _result(
         "data_fingerprint": data_fingerprint(data),
         "config": config.to_dict(),
         "backend": jax.default_backend(),
+    }
+
+
+def _devices_record(mesh) -> dict:
+    """``devices``, ``processes`` and ``mesh`` of a run (``mesh`` None: one device)."""
+    if mesh is None:
+        return {"devices": 1, "processes": jax.process_count(), "mesh": dict(sharding.SINGLE)}
+    return {
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "mesh": sharding.mesh_shape(mesh),
     }
 
 
