@@ -279,7 +279,9 @@ def _devices(args):
     from subspace_jax import sharding
 
     multi = (args.coordinator, args.num_processes, args.process_id)
-    if any(v is not None for v in multi) or os.environ.get("SLURM_NTASKS", "1") != "1":
+    # Under ``srun`` with several tasks, jax.distributed.initialize() reads SLURM's variables.
+    srun = os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1"
+    if any(v is not None for v in multi) or srun:
         if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
             raise CLIError("--coordinator needs --num-processes and --process-id")
         if args.num_processes is not None and args.process_id is not None:

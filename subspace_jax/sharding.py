@@ -533,25 +533,29 @@ def fetch(tree: PyTree) -> PyTree:
 # --------------------------------------------------------------------------------------------
 
 
-def sharded_train_step(
-    apply_fn: Callable,
-    optimizer: Any,
-    mesh: Mesh,
-    *,
-    l2: float = 0.0,
-) -> Callable:
-    """The seed-vmapped training step of :func:`~subspace_jax.train.compile_steps`, sharded.
+def sharded_train_step(step: Callable, mesh: Mesh) -> Callable:
+    """A seed-vmapped, sharded training step: the single-device result on ``mesh``.
 
-    ``step(subs, trainables, opt_states, x, y) -> (trainables, opt_states, loss, acc)``
-    places its arguments (a no-op for those already placed: :func:`place_state` once, then
-    :func:`shard_batch` per batch) and runs under ``jax.jit``; every output keeps its leading
-    seed axis along ``"seeds"``, so feeding the outputs back never recompiles. The results
-    equal the single-device step's to float tolerance.
+    Args:
+      step: one seed's pure ``step(sub, trainable, opt_state, x, y) -> (trainable, opt_state,
+        loss, acc)``, e.g. :func:`~subspace_jax.train.make_train_step`'s.
+      mesh: the mesh (:func:`make_mesh`).
+
+    Returns:
+      ``sharded(subs, trainables, opt_states, x, y) -> (trainables, opt_states, loss, acc)``
+      over seed-batched state (leading axis = seed) and one batch for all seeds. It places
+      its arguments (a no-op for those already placed: :func:`place_state` once, then
+      :func:`shard_batch` per batch) and runs under ``jax.jit``, trainables and optimiser
+      states donated; every output keeps its leading seed axis along ``"seeds"``, so feeding
+      the outputs back never recompiles. The results equal the single-device step's to float
+      tolerance.
+
+    Example:
+      >>> step = sharded_train_step(make_train_step(model.apply, opt), mesh)  # doctest: +SKIP
+      >>> t, o, loss, acc = step(subs, t, o, x, y)  # doctest: +SKIP
     """
-    from subspace_jax.train import make_train_step
-
-    step = jax.vmap(make_train_step(apply_fn, optimizer, l2), in_axes=(0, 0, 0, None, None))
-    jitted = jax.jit(step, out_shardings=NamedSharding(mesh, P("seeds")), donate_argnums=(1, 2))
+    batched = jax.vmap(step, in_axes=(0, 0, 0, None, None))
+    jitted = jax.jit(batched, out_shardings=NamedSharding(mesh, P("seeds")), donate_argnums=(1, 2))
 
     def sharded(subs, trainables, opt_states, x, y):
         if not _placed(subs, mesh):
