@@ -149,9 +149,7 @@ def resolve_layout(
     return seeds, rest // seeds, p
 
 
-def check_mesh_spec(
-    spec: MeshSpec, num_devices: int, num_seeds: int, batch_size: int, num_processes: int = 1
-) -> None:
+def check_mesh_spec(spec: MeshSpec, num_devices: int, num_seeds: int, batch_size: int) -> None:
     """Validate a user's ``--mesh`` against the run before anything trains.
 
     Raises:

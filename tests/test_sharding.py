@@ -146,9 +146,9 @@ def test_check_mesh_spec(spec, match):
 #: One registered projection of each state type that has a splitter.
 SPLIT_TYPES = [
     "dense",
-    "fastfood",
-    "orthogonal_hadamard",
-    "sparse_very",
+    pytest.param("fastfood", marks=pytest.mark.slow),
+    pytest.param("orthogonal_hadamard", marks=pytest.mark.slow),
+    pytest.param("sparse_very", marks=pytest.mark.slow),
     "sparse_very_coo",
     "sparse_very_csc",
 ]

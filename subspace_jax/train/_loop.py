@@ -658,12 +658,20 @@ def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
         {**e, **{k: put(e[k], f[k]) for k in _PER_SEED_EPOCH}}
         for e, f in zip(runs.epochs, new.epochs, strict=True)
     ]
-    trainables = jax.tree_util.tree_map(
-        lambda a, b: a.at[idx].set(b), runs.trainables, new.trainables
-    )
+
+    def set_rows(a, b):
+        placed = getattr(a, "sharding", None)
+        if placed is not None and len(placed.device_set) > 1:  # the runs' meshes may differ
+            a, b = sharding.fetch((a, b))
+            a = np.array(a, copy=True)
+            a[idx] = b
+            return a
+        return a.at[idx].set(b)
+
+    trainables = jax.tree_util.tree_map(set_rows, runs.trainables, new.trainables)
     # The retried seeds' own subspaces too: with burn-in, theta0 comes from the retry's direct
     # phase, and a compressed model must pair the retry's w with it.
-    subs = jax.tree_util.tree_map(lambda a, b: a.at[idx].set(b), runs.subs, new.subs)
+    subs = jax.tree_util.tree_map(set_rows, runs.subs, new.subs)
     return runs._replace(
         learning_rates=put(runs.learning_rates, new.learning_rates),
         retries=put(runs.retries, new.retries),
