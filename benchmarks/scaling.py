@@ -125,7 +125,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--timeout", type=int, default=600)
     p.add_argument("--out", default=str(ROOT / "results" / "scaling"))
+    p.add_argument("--replot", action="store_true", help="redraw OUT/scaling.png from its JSON")
     args = p.parse_args(argv)
+    if args.replot:
+        summary = json.loads((Path(args.out) / "scaling.json").read_text())
+        c = summary["config"]
+        plot(
+            summary["records"],
+            Path(args.out) / "scaling.png",
+            f"{c['model']} on digits, d = {c['dim']} ({c['projection']}), batch "
+            f"{c['batch_size']}, {summary['platform']}:\n{summary['note']}",
+        )
+        return 0
     if args.counts:
         counts = [int(c) for c in args.counts.split(",")]
     elif args.platform == "cpu":
@@ -176,7 +187,7 @@ def main(argv=None) -> int:
         records,
         out / "scaling.png",
         f"{args.model} on digits, d = {args.dim} ({args.projection}), batch {args.batch_size}, "
-        f"{args.platform}: {note}",
+        f"{args.platform}:\n{note}",
     )
     print(f"wrote {out / 'scaling.json'} and {out / 'scaling.png'}")
     return 0
