@@ -328,7 +328,7 @@ def device_fields(args, num_seeds: int, batch_size: int) -> dict:
     return {
         "devices": 1 if mesh is None else int(mesh.devices.size),
         "processes": jax.process_count(),
-        "mesh": sharding.mesh_shape(mesh) if mesh is not None else sharding.SINGLE,
+        "mesh": sharding.mesh_shape(mesh) if mesh is not None else dict(sharding.SINGLE),
     }
 
 
