@@ -222,6 +222,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
         help="seed of the batch order and the validation split",
     )
     p.add_argument("--width", type=_positive_int, default=None, help="hidden width of mlp_small")
+    _add_device_args(p)
 
 
 def _add_divergence_args(p: argparse.ArgumentParser) -> None:
@@ -266,6 +267,108 @@ def _add_divergence_args(p: argparse.ArgumentParser) -> None:
         help="keep the checkpoints after the result is written (default: removed)",
     )
     p.add_argument("--no-checkpoints", action="store_true", help="neither checkpoint nor resume")
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--devices``, ``--mesh`` and the multi-host flags (docs/scaling.md)."""
+    p.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="use this many devices (default: every device of every process)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="seeds=S,data=B[,params=P]",
+        help="devices per mesh axis (product = devices; S must divide the number of seeds, "
+        "B the batch size); default: seeds=gcd(seeds, devices), data=the rest, params=1",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0 (jax.distributed.initialize)",
+    )
+    p.add_argument(
+        "--num-processes", type=_positive_int, default=None, help="multi-host: process count"
+    )
+    p.add_argument(
+        "--process-id", type=_nonneg_int, default=None, help="multi-host: this process, 0..N-1"
+    )
+
+
+@contextlib.contextmanager
+def _devices(args):
+    """Start the distributed runtime if asked, then make the device plan the run's default.
+
+    A process other than 0 trains like process 0 (every process runs the same program) but
+    writes its files into a private temporary folder (a copy of ``--out``'s ``runs.jsonl``,
+    so it reuses exactly the runs process 0 reuses) and prints nothing on stdout.
+    """
+    if not hasattr(args, "devices"):
+        yield
+        return
+    import shutil
+    import tempfile
+
+    from subspace_jax import sharding
+
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    # Under ``srun`` with several tasks, jax.distributed.initialize() reads SLURM's variables.
+    srun = os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1"
+    if any(v is not None for v in multi) or srun:
+        if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+            raise CLIError("--coordinator needs --num-processes and --process-id")
+        if args.num_processes is not None and args.process_id is not None:
+            if args.process_id >= args.num_processes:
+                raise CLIError(
+                    f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
+                )
+        try:
+            sharding.initialize_distributed(*multi)
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(f"could not start the distributed runtime: {e}") from None
+    spec = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshSpec()
+    plan = sharding.local_plan(args.devices, spec)
+    if args.mesh:
+        sharding.check_mesh_spec(
+            spec, len(plan.devices), len(parse_seeds(args.seeds)), args.batch_size
+        )
+    args.device_plan = plan
+    with contextlib.ExitStack() as stack:
+        import jax
+
+        if jax.process_index() != 0:
+            private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="subspace-")))
+            for name in ("out", "json", "save_compressed"):
+                if getattr(args, name, None):
+                    old = Path(getattr(args, name))
+                    new = private / name
+                    if name == "out" and old.is_dir():
+                        shutil.copytree(old, new, ignore=shutil.ignore_patterns("*.lock"))
+                    setattr(args, name, str(new))
+            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))  # noqa: SIM115
+        stack.enter_context(sharding.use_plan(plan))
+        yield
+
+
+def device_fields(args, num_seeds: int, batch_size: int) -> dict:
+    """``devices``, ``processes`` and ``mesh`` (of ``num_seeds`` seeds) for a result JSON."""
+    import jax
+
+    from subspace_jax import sharding
+
+    plan = getattr(args, "device_plan", None)
+    mesh = sharding.resolve_mesh(plan, num_seeds, batch_size) if plan else None
+    return {
+        "devices": 1 if mesh is None else int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "mesh": sharding.mesh_shape(mesh) if mesh is not None else dict(sharding.SINGLE),
+    }
 
 
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
@@ -744,6 +847,7 @@ def cmd_sweep(args) -> int:
             progress=progress,
             checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
+        result.update(device_fields(args, len(config.seeds), config.batch_size))
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
@@ -811,6 +915,10 @@ def cmd_id(args) -> int:
             progress=progress,
             checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
+        result.update(device_fields(args, len(config.seeds), config.batch_size))
+        from subspace_jax import _results
+
+        _results.write_json(out / ID_JSON, result)  # again, with the device fields
     written = True
     if args.json:
         written = write_or_fallback(args.json, _json_writer(result))
@@ -1248,7 +1356,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _devices(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved", file=sys.stderr)
         return 130
