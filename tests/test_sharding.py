@@ -222,7 +222,7 @@ for name in projection_names():
         before = len(compiles)
         for i in range(3):
             t, o, loss, acc = step(placed, t, o, x, y)
-        return np.asarray(t["w"]).tolist(), np.asarray(loss).tolist(), len(compiles) - before
+        return np.asarray(t.w).tolist(), np.asarray(loss).tolist(), len(compiles) - before
 
     ref = run(None)
     res = {"ref": ref}
