@@ -48,6 +48,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from subspace_jax._errors import UserError
+
 PyTree = Any
 #: The mesh axes, outermost first.
 AXES = ("seeds", "data", "params")
@@ -89,17 +91,17 @@ def parse_mesh(text: str) -> MeshSpec:
         name, eq, value = part.strip().partition("=")
         name = name.strip()
         if not eq or name not in AXES:
-            raise ValueError(
+            raise UserError(
                 f"--mesh takes 'seeds=S,data=B[,params=P]' (axes {', '.join(AXES)}), got {text!r}"
             )
         if name in sizes:
-            raise ValueError(f"--mesh names the axis {name!r} twice: {text!r}")
+            raise UserError(f"--mesh names the axis {name!r} twice: {text!r}")
         try:
             size = int(value)
         except ValueError:
             size = 0
         if size < 1:
-            raise ValueError(f"--mesh axis {name} must be an integer >= 1, got {value.strip()!r}")
+            raise UserError(f"--mesh axis {name} must be an integer >= 1, got {value.strip()!r}")
         sizes[name] = size
     return MeshSpec(**sizes)
 
@@ -121,11 +123,11 @@ def resolve_layout(
     """
     p = spec.params
     if num_devices % p:
-        raise ValueError(f"mesh params={p} does not divide the {num_devices} devices")
+        raise UserError(f"mesh params={p} does not divide the {num_devices} devices")
     rest = num_devices // p
     if spec.seeds is not None and spec.data is not None:
         if spec.seeds * spec.data * p != num_devices:
-            raise ValueError(
+            raise UserError(
                 f"mesh seeds={spec.seeds}, data={spec.data}, params={p} uses "
                 f"{spec.seeds * spec.data * p} devices, but {num_devices} are in use "
                 "(the product must equal the device count; see --devices)"
@@ -133,13 +135,13 @@ def resolve_layout(
         seeds = spec.seeds
     elif spec.seeds is not None:
         if rest % spec.seeds:
-            raise ValueError(
+            raise UserError(
                 f"mesh seeds={spec.seeds} does not divide the {rest} devices left by params={p}"
             )
         seeds = spec.seeds
     elif spec.data is not None:
         if rest % spec.data:
-            raise ValueError(
+            raise UserError(
                 f"mesh data={spec.data} does not divide the {rest} devices left by params={p}"
             )
         seeds = rest // spec.data
@@ -158,7 +160,7 @@ def check_mesh_spec(spec: MeshSpec, num_devices: int, num_seeds: int, batch_size
     """
     resolve_layout(num_devices, spec, num_seeds, batch_size)
     if spec.seeds is not None and num_seeds % spec.seeds:
-        raise ValueError(
+        raise UserError(
             f"mesh seeds={spec.seeds} must divide the number of seeds ({num_seeds}): each "
             "device along the seed axis trains the same number of seeds"
         )
@@ -166,7 +168,7 @@ def check_mesh_spec(spec: MeshSpec, num_devices: int, num_seeds: int, batch_size
     if data is None and spec.seeds is not None:
         data = num_devices // (spec.seeds * spec.params)
     if data is not None and batch_size % data:
-        raise ValueError(f"mesh data={data} must divide the batch size ({batch_size})")
+        raise UserError(f"mesh data={data} must divide the batch size ({batch_size})")
 
 
 def make_mesh(
@@ -636,11 +638,11 @@ def local_plan(devices: int | None = None, spec: MeshSpec | None = None) -> Mesh
     nproc = jax.process_count()
     if devices is not None:
         if not 1 <= devices <= len(all_devices):
-            raise ValueError(
+            raise UserError(
                 f"--devices must be in 1..{len(all_devices)} (the devices available), got {devices}"
             )
         if devices % nproc:
-            raise ValueError(
+            raise UserError(
                 f"--devices {devices} must be a multiple of the number of processes ({nproc})"
             )
         per = devices // nproc
