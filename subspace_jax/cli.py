@@ -1201,15 +1201,8 @@ def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="subspace-jax",
-        description="Train networks in random parameter subspaces; measure intrinsic dimension.",
-    )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress output")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``train`` sub-command's flags."""
     p = sub.add_parser("train", parents=[common], help="train one model (direct or in a subspace)")
     _add_run_args(p)
     _add_kind_args(p)
@@ -1219,6 +1212,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``evaluate`` sub-command's flags."""
     p = sub.add_parser(
         "evaluate", parents=[common], help="load a compressed model and report test accuracy"
     )
@@ -1230,6 +1226,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the evaluation JSON to this file")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_sweep_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``sweep`` sub-command's flags."""
     p = sub.add_parser(
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
     )
@@ -1246,6 +1245,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_id_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``id`` sub-command's flags."""
     p = sub.add_parser(
         "id",
         parents=[common],
@@ -1290,6 +1292,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_id)
 
+
+def _add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``bench`` sub-command's flags."""
     p = sub.add_parser(
         "bench",
         parents=[common],
@@ -1347,6 +1352,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="plot step-time and memory ratios vs d here")
     p.set_defaults(func=cmd_bench)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subspace-jax",
+        description="Train networks in random parameter subspaces; measure intrinsic dimension.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train_parser,
+        _add_evaluate_parser,
+        _add_sweep_parser,
+        _add_id_parser,
+        _add_bench_parser,
+    ):
+        add(sub, common)
     p = sub.add_parser("projections", help="list the projections")
     p.set_defaults(func=cmd_projections, quiet=True)
     return parser
