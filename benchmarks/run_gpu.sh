@@ -13,3 +13,10 @@ python -c "import jax; assert jax.default_backend() == 'gpu', jax.devices()"
 python benchmarks/run_grid.py \
     --out "$OUT_DIR/gpu.json" --png "$OUT_DIR/gpu.png" \
     --steps 20 --warmup 3 --max-cell-seconds 20 --isolate projection "$@"
+
+# Scaling: seed-steps/s (8 seeds over the seed axis) and steps/s (one seed, batch over the
+# data axis) on 1, 2, 4, ... of this machine's GPUs (one point with one GPU). Writes
+# $OUT_DIR/scaling/scaling.json and scaling.png. SKIP_SCALING=1 leaves it out.
+if [ -z "${SKIP_SCALING:-}" ]; then
+    python benchmarks/scaling.py --platform gpu --out "$OUT_DIR/scaling"
+fi

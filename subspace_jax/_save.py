@@ -432,7 +432,7 @@ def load_subspace(
     variables = _variables(header, init, name)
     layout = _layout(header, variables, name)
     theta0 = _theta0(header, arrays, variables, layout, name)
-    states = _stored_states(header, arrays, layout, name)
+    states = stored_states(header, arrays, layout, name)
     key = header["keys"]["projection"]
     sub = _rebuild_sub(layout, theta0, None if key is None else key_from_record(key), states)
     sub = sub.replace(other_collections=_others(header, arrays, variables, layout, name))
@@ -515,7 +515,8 @@ def _theta0(header, arrays, variables, layout: Layout, name: str) -> PyTree:
     return theta0
 
 
-def _stored_states(header, arrays, layout: Layout, name: str):
+def stored_states(header, arrays, layout: Layout, name: str) -> tuple | None:
+    """The projection states from the file's ``proj_<g>_<k>`` (None when regenerated)."""
     if header["projection_reproducible"]:
         return None
     states = []

@@ -245,6 +245,7 @@ def _add_run_args(p: argparse.ArgumentParser, *, dim: bool = True) -> None:
         help="draw the classifier layer afresh and train it directly beside the subspace "
         "(d counts only the subspace)",
     )
+    _add_device_args(p)
 
 
 def _add_divergence_args(p: argparse.ArgumentParser) -> None:
@@ -289,6 +290,108 @@ def _add_divergence_args(p: argparse.ArgumentParser) -> None:
         help="keep the checkpoints after the result is written (default: removed)",
     )
     p.add_argument("--no-checkpoints", action="store_true", help="neither checkpoint nor resume")
+
+
+# ------------------------------------------------------------------------------ devices
+
+
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    """``--devices``, ``--mesh`` and the multi-host flags (docs/scaling.md)."""
+    p.add_argument(
+        "--devices",
+        type=_positive_int,
+        default=None,
+        help="use this many devices (default: every device of every process)",
+    )
+    p.add_argument(
+        "--mesh",
+        default=None,
+        metavar="seeds=S,data=B[,params=P]",
+        help="devices per mesh axis (product = devices; S must divide the number of seeds, "
+        "B the batch size); default: seeds=gcd(seeds, devices), data=the rest, params=1",
+    )
+    p.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="multi-host: address of process 0 (jax.distributed.initialize)",
+    )
+    p.add_argument(
+        "--num-processes", type=_positive_int, default=None, help="multi-host: process count"
+    )
+    p.add_argument(
+        "--process-id", type=_nonneg_int, default=None, help="multi-host: this process, 0..N-1"
+    )
+
+
+@contextlib.contextmanager
+def _devices(args):
+    """Start the distributed runtime if asked, then make the device plan the run's default.
+
+    A process other than 0 trains like process 0 (every process runs the same program) but
+    writes its files into a private temporary folder (a copy of ``--out``'s ``runs.jsonl``,
+    so it reuses exactly the runs process 0 reuses) and prints nothing on stdout.
+    """
+    if not hasattr(args, "devices"):
+        yield
+        return
+    import shutil
+    import tempfile
+
+    from subspace_jax import sharding
+
+    multi = (args.coordinator, args.num_processes, args.process_id)
+    # Under ``srun`` with several tasks, jax.distributed.initialize() reads SLURM's variables.
+    srun = os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1"
+    if any(v is not None for v in multi) or srun:
+        if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+            raise CLIError("--coordinator needs --num-processes and --process-id")
+        if args.num_processes is not None and args.process_id is not None:
+            if args.process_id >= args.num_processes:
+                raise CLIError(
+                    f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
+                )
+        try:
+            sharding.initialize_distributed(*multi)
+        except (RuntimeError, ValueError) as e:
+            raise CLIError(f"could not start the distributed runtime: {e}") from None
+    spec = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshSpec()
+    plan = sharding.local_plan(args.devices, spec)
+    if args.mesh:
+        sharding.check_mesh_spec(
+            spec, len(plan.devices), len(parse_seeds(args.seeds)), args.batch_size
+        )
+    args.device_plan = plan
+    with contextlib.ExitStack() as stack:
+        import jax
+
+        if jax.process_index() != 0:
+            private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="subspace-")))
+            for name in ("out", "json", "save_compressed"):
+                if getattr(args, name, None):
+                    old = Path(getattr(args, name))
+                    new = private / name
+                    if name == "out" and old.is_dir():
+                        shutil.copytree(old, new, ignore=shutil.ignore_patterns("*.lock"))
+                    setattr(args, name, str(new))
+            stack.enter_context(contextlib.redirect_stdout(open(os.devnull, "w")))  # noqa: SIM115
+        stack.enter_context(sharding.use_plan(plan))
+        yield
+
+
+def device_fields(args, num_seeds: int, batch_size: int) -> dict:
+    """``devices``, ``processes`` and ``mesh`` (of ``num_seeds`` seeds) for a result JSON."""
+    import jax
+
+    from subspace_jax import sharding
+
+    plan = getattr(args, "device_plan", None)
+    mesh = sharding.resolve_mesh(plan, num_seeds, batch_size) if plan else None
+    return {
+        "devices": 1 if mesh is None else int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "mesh": sharding.mesh_shape(mesh) if mesh is not None else dict(sharding.SINGLE),
+    }
 
 
 def config_from_args(args: argparse.Namespace, *, dim: int | None = None):
@@ -802,6 +905,7 @@ def cmd_sweep(args) -> int:
             progress=progress,
             checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
+        result.update(device_fields(args, len(config.seeds), config.batch_size))
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
@@ -873,6 +977,10 @@ def cmd_id(args) -> int:
             progress=progress,
             checkpoint=_checkpoint_options(args, out / "checkpoints"),
         )
+        result.update(device_fields(args, len(config.seeds), config.batch_size))
+        from subspace_jax import _results
+
+        _results.write_json(out / ID_JSON, result)  # again, with the device fields
     written = True
     if args.json:
         written = write_or_fallback(args.json, _json_writer(result))
@@ -1172,15 +1280,8 @@ def _add_search_outputs(p: argparse.ArgumentParser, name: str) -> None:
     )
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="subspace-jax",
-        description="Train networks in random parameter subspaces; measure intrinsic dimension.",
-    )
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("--quiet", action="store_true", help="no progress output")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_train_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``train`` sub-command's flags."""
     p = sub.add_parser("train", parents=[common], help="train one model (direct or in a subspace)")
     _add_run_args(p)
     _add_kind_args(p)
@@ -1190,6 +1291,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``evaluate`` sub-command's flags."""
     p = sub.add_parser(
         "evaluate", parents=[common], help="load a compressed model and report test accuracy"
     )
@@ -1201,6 +1305,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the evaluation JSON to this file")
     p.set_defaults(func=cmd_evaluate)
 
+
+def _add_sweep_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``sweep`` sub-command's flags."""
     p = sub.add_parser(
         "sweep", parents=[common], help="accuracy vs d over a grid, the baseline and d_int90"
     )
@@ -1217,6 +1324,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_sweep)
 
+
+def _add_id_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``id`` sub-command's flags."""
     p = sub.add_parser(
         "id",
         parents=[common],
@@ -1261,6 +1371,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_log_args(p)
     p.set_defaults(func=cmd_id)
 
+
+def _add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
+    """The ``bench`` sub-command's flags."""
     p = sub.add_parser(
         "bench",
         parents=[common],
@@ -1318,6 +1431,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None, help="plot step-time and memory ratios vs d here")
     p.set_defaults(func=cmd_bench)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="subspace-jax",
+        description="Train networks in random parameter subspaces; measure intrinsic dimension.",
+    )
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", help="no progress output")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for add in (
+        _add_train_parser,
+        _add_evaluate_parser,
+        _add_sweep_parser,
+        _add_id_parser,
+        _add_bench_parser,
+    ):
+        add(sub, common)
     p = sub.add_parser("projections", help="list the projections")
     p.set_defaults(func=cmd_projections, quiet=True)
     return parser
@@ -1327,7 +1457,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return int(args.func(args) or 0)
+        with _devices(args):
+            return int(args.func(args) or 0)
     except KeyboardInterrupt:
         print("interrupted: finished runs are saved", file=sys.stderr)
         return 130

@@ -90,13 +90,13 @@ from subspace_jax._save import (
     SUBSPACE_FIELDS,
     need,
     restored,
+    stored_states,
     subspace_arrays,
     subspace_fields,
     trainable_from_arrays,
 )
 from subspace_jax._subspace import Layout, Subspace, check_finite, init_from_layout, to_params
 from subspace_jax.models import from_config
-from subspace_jax.projections import get_projection
 from subspace_jax.train import (
     LOTTERY,
     TrainConfig,
@@ -488,7 +488,7 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
         layout,
         int(header["seed"]),
         theta0=_stored_theta0(header, arrays, layout, name),
-        proj_states=_stored_projections(header, arrays, layout, name),
+        proj_states=stored_states(header, arrays, layout, name),
     )
     trainable = trainable_from_arrays(arrays, layout, name)
     params = _to_params(sub, trainable)
@@ -529,27 +529,6 @@ def _stored_theta0(header: dict, arrays: dict, layout: Layout, name: str) -> PyT
     n = len(layout.spec.leaves)
     leaves = [jnp.asarray(need(arrays, f"theta0_{j}", name)) for j in range(n)]
     return jax.tree_util.tree_unflatten(layout.spec.treedef, leaves)
-
-
-def _stored_projections(header: dict, arrays: dict, layout: Layout, name: str) -> list | None:
-    """The projection states from the file's ``proj_<g>_<k>`` (None when regenerated)."""
-    if header["projection_reproducible"]:
-        return None
-    proj_states = []
-    for g, grp in enumerate(layout.groups):
-        proj = get_projection(grp.projection)
-        template = jax.eval_shape(
-            lambda key, p=proj, g=grp: p.init(key, g.size, g.dim), jax.random.key(0)
-        )
-        leaves, treedef = jax.tree_util.tree_flatten(template)
-        got = [jnp.asarray(need(arrays, f"proj_{g}_{k}", name)) for k in range(len(leaves))]
-        for k, (t, a) in enumerate(zip(leaves, got, strict=True)):
-            if tuple(t.shape) != a.shape:
-                raise CompressedModelError(
-                    f"compressed model {name}: proj_{g}_{k} has shape {a.shape}, expected {t.shape}"
-                )
-        proj_states.append(jax.tree_util.tree_unflatten(treedef, got))
-    return proj_states
 
 
 def compressed_size_report(path: str | Path, num_params: int | None = None) -> dict:

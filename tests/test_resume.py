@@ -235,3 +235,64 @@ def test_a_batchnorm_run_with_augmentation_resumes_to_the_uninterrupted_numbers(
     for a, b in zip(leaves, leaves_again, strict=True):
         np.testing.assert_array_equal(a, b)
     assert jax.tree_util.tree_leaves(state)  # the statistics were there to compare
+
+
+RESUME_ON_A_MESH = """
+import dataclasses, json, sys
+import jax
+from subspace_jax import sharding
+from subspace_jax.train import CheckpointOptions, TrainConfig, load_data, train_and_evaluate
+
+assert jax.device_count() == 4
+
+
+class Stop(Exception):
+    pass
+
+
+def stop_after(step):
+    def progress(event):
+        if event["event"] == "step" and event["step"] >= step:
+            raise Stop
+
+    return progress
+
+
+config = TrainConfig(
+    model="mlp_small", epochs=2, batch_size=64, seeds=(0, 1, 2, 3), dim=30, projection="fastfood"
+)
+data = load_data(config)
+plan = sharding.local_plan()
+whole = train_and_evaluate(config, data, mesh=plan).result
+options = CheckpointOptions(sys.argv[1], every_steps=20)
+try:
+    train_and_evaluate(config, data, progress=stop_after(40), checkpoint=options, mesh=plan)
+except Stop:
+    pass
+events = []
+resumed = train_and_evaluate(
+    config, data, progress=events.append, checkpoint=options, mesh=plan
+).result
+texts = [e["text"] for e in events if e["event"] == "message"]
+print(json.dumps({"whole": whole, "resumed": resumed, "messages": texts}))
+"""
+
+
+@needs_orbax
+@pytest.mark.slow
+def test_a_run_sharded_over_four_devices_resumes_to_the_uninterrupted_numbers(tmp_path):
+    """Seeds spread over 4 forced host devices: the checkpoint holds the sharded state, the
+    resumed run places it back on the mesh and ends with the uninterrupted run's numbers."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run(
+        [sys.executable, "-c", RESUME_ON_A_MESH, str(tmp_path / "ckpt")],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["whole"]["mesh"] == {"seeds": 4, "data": 1, "params": 1}
+    assert any("from the checkpoint at step 32" in t for t in out["messages"]), out["messages"]
+    assert _untimed(out["resumed"]) == _untimed(out["whole"])

@@ -320,7 +320,9 @@ def _orth_mv(state: OrthogonalHadamardState, w: jax.Array) -> jax.Array:
             x = _hadamard_window(signs[1] * x, D - m, m)  # T_last Sigma'_t
         return x, None
 
-    x, _ = jax.lax.scan(round_, jnp.pad(w, (0, D - w.shape[0])), (state.perm, state.signs))
+    # perm's length: D, or more when the state is padded for sharding (subspace_jax.sharding)
+    x0 = jnp.pad(w, (0, state.perm.shape[-1] - w.shape[0]))
+    x, _ = jax.lax.scan(round_, x0, (state.perm, state.signs))
     return x
 
 

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from subspace_jax import sharding
 from subspace_jax.data import Dataset, num_batches, shuffle_order
 
 Progress = Callable[[dict], None]
@@ -142,6 +143,8 @@ class Loop(NamedTuple):
       chunk_len: ``L``, steps per chunk.
       seeds: the seeds trained.
       lr: their learning rate (reported with a divergence).
+      mesh: the devices the seeds train on (:mod:`subspace_jax.sharding`), or None: one
+        device. On a mesh the batches come from the host, along its ``"data"`` axis.
     """
 
     chunk: Callable
@@ -156,6 +159,7 @@ class Loop(NamedTuple):
     chunk_len: int
     seeds: tuple
     lr: float
+    mesh: Any = None
 
 
 def first_state(trainables, opt_states, divs, n: int) -> LoopState:
@@ -184,7 +188,10 @@ def chunk_inputs(loop: Loop, rows: np.ndarray, valid_steps: int):
     valid = np.arange(L) < valid_steps
     if loop.placed.on_device:
         return padded, valid
-    return loop.data.x_train[padded], loop.data.y_train[padded], valid
+    xs = (loop.data.x_train[padded], loop.data.y_train[padded], valid)
+    if loop.mesh is None:
+        return xs
+    return sharding.shard_chunk(loop.mesh, *xs)  # (L, B, ...): B along "data"
 
 
 def compile_loop_chunk(chunk_fn, subs, state: LoopState, placed: Placed, data: Dataset, L, B):
@@ -244,7 +251,7 @@ def train_epoch(
         )
         # The host prepares the next chunk while the device runs this one.
         nxt = inputs(starts[k + 1]) if k + 1 < len(starts) else None
-        losses, accs = jax.device_get((losses, accs))  # the one synchronisation of a chunk
+        losses, accs = sharding.fetch((losses, accs))  # the one synchronisation of a chunk
         state = state._replace(
             trainables=trainables,
             opt_states=opt_states,
@@ -278,8 +285,10 @@ def train_epoch(
 def _end_epoch(loop: Loop, state: LoopState, epoch_time_s: float) -> LoopState:
     """Evaluate on the validation split and record the finished epoch."""
     # The divergence flags are read here, once an epoch.
-    diverged_at = np.asarray(jax.device_get(state.divs.at))
-    val_loss, val_acc = evaluate(loop.eval_step, loop.subs, state.trainables, *loop.placed.val)
+    diverged_at = np.asarray(sharding.fetch(state.divs.at))
+    val_loss, val_acc = evaluate(
+        loop.eval_step, loop.subs, state.trainables, *loop.placed.val, mesh=loop.mesh
+    )
     raw = {
         "epoch": state.epoch + 1,
         "steps": state.step,
@@ -346,18 +355,22 @@ def epoch_record(raw: dict) -> dict:
     }
 
 
-def evaluate(eval_step, subs, trainables, x, y, chunk: int = EVAL_CHUNK):
+def evaluate(eval_step, subs, trainables, x, y, chunk: int = EVAL_CHUNK, mesh=None):
     """Mean loss and accuracy, ``(N,)`` each, over ``(x, y)`` in chunks of ``chunk`` examples.
 
     The chunks are dispatched without waiting (device arrays are sliced on the device); the
-    host reads the two sums once at the end.
+    host reads the two sums once at the end. With ``mesh``, each chunk is placed along its
+    ``"data"`` axis.
     """
     n = len(x)
     loss = 0.0
     correct = 0.0
     for start in range(0, n, chunk):
-        l_sum, c = eval_step(subs, trainables, x[start : start + chunk], y[start : start + chunk])
+        xc, yc = x[start : start + chunk], y[start : start + chunk]
+        if mesh is not None:
+            xc, yc = sharding.shard_batch(mesh, xc, yc)
+        l_sum, c = eval_step(subs, trainables, xc, yc)
         loss = loss + l_sum
         correct = correct + c.astype(jnp.float32)  # int32 counts, summed as float32
-    loss, correct = jax.device_get((loss, correct))
+    loss, correct = sharding.fetch((loss, correct))
     return np.asarray(loss) / n, np.asarray(correct) / n

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from subspace_jax import sharding
 from subspace_jax._checkpoint import load_params
 from subspace_jax._errors import UserError
 from subspace_jax._subspace import (
@@ -46,6 +47,7 @@ from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_fa
 from subspace_jax.train import _resume
 from subspace_jax.train._epochs import (
     Loop,
+    LoopState,
     Placed,
     chunk_steps,
     compile_loop_chunk,
@@ -492,6 +494,7 @@ def train_and_evaluate(
     progress: Progress | None = None,
     theta0_fn: Callable[[jax.Array], Any] | None = None,
     checkpoint: CheckpointOptions | None = None,
+    mesh: sharding.Mesh | sharding.MeshPlan | None = None,
 ) -> TrainOutput:
     """Train ``len(config.seeds)`` runs together and evaluate them.
 
@@ -511,6 +514,9 @@ def train_and_evaluate(
         the latest complete checkpoint of the same run; the caller removes the checkpoints
         (:func:`remove_checkpoints`) once it has written the result. Ignored, with a warning,
         when orbax is not installed.
+      mesh: a ``jax.sharding.Mesh`` or :class:`~subspace_jax.sharding.MeshPlan` to train on
+        (seeds, batch and parameters spread over its devices); None: the default plan
+        (:func:`subspace_jax.sharding.use_plan`, set by the CLI), else one device.
 
     Returns:
       A :class:`TrainOutput` ``(result, trained)``. ``result`` is the result dict (see module
@@ -531,12 +537,14 @@ def train_and_evaluate(
             folder = run_directory(checkpoint, config, setup.data) / f"group-{retries}"
             per_epoch = num_batches(len(setup.data.x_train), config.batch_size, True)
             saver = GroupCheckpointer(folder, checkpoint, run_key(config, setup.data), per_epoch)
-        return _train_seeds(setup, tuple(seeds), lr, retries, progress, saver)
+        return _train_seeds(setup, tuple(seeds), lr, retries, progress, saver, mesh)
 
     runs = train(config.seeds, setup.lr, 0)
     if config.on_divergence == "retry":
         runs = _retry_diverged(runs, setup.lr, config.max_retries, train, progress)
     result = _result(config, setup.layout, setup.data, setup.theta0_fn, setup.lr, runs, t_start)
+    run_mesh = sharding.resolve_mesh(mesh, len(config.seeds), config.batch_size)
+    result.update(_devices_record(run_mesh))
     return TrainOutput(result, Trained(setup.model, runs.subs, runs.trainables))
 
 
@@ -646,10 +654,13 @@ def _train_seeds(
     retries: int,
     progress: Progress | None,
     saver: GroupCheckpointer | None = None,
+    mesh=None,
 ) -> _Runs:
     """Train ``seeds`` together at learning rate ``lr`` and evaluate them; with ``saver``,
-    resume from its latest checkpoint and checkpoint while training."""
+    resume from its latest checkpoint and checkpoint while training; with ``mesh``, on its
+    devices (:mod:`subspace_jax.sharding`)."""
     config = dataclasses.replace(setup.config, seeds=seeds)
+    mesh = sharding.resolve_mesh(mesh, len(seeds), config.batch_size)
     optimizer = make_optimizer(config.optimizer, lr)
     if config.reinit_head and config.dim:  # the classifier at the direct learning rate
         optimizer = with_direct_lr(make_optimizer, config.optimizer, lr, DIRECT_LR)
@@ -657,21 +668,25 @@ def _train_seeds(
     subs, state = _init_state(setup, config, optimizer, progress)
     if saver is not None:
         state = _resume_from(saver, state, setup.total_steps, seeds, progress)
+    subs, state, placed = _place_on_mesh(mesh, subs, state, setup)
     setup_s = time.perf_counter() - t_init
     chunk_fn = compile_chunk(
         setup.model.apply,
         optimizer,
         config.l2,
-        gather=setup.placed.on_device,
+        gather=placed.on_device,
         augment=_augmenter(config),
     )
     loop = Loop(
-        chunk=compile_loop_chunk(
-            chunk_fn, subs, state, setup.placed, setup.data, setup.chunk_len, config.batch_size
+        # On a mesh the chunk stays jitted (compiled at its first call for the placements).
+        chunk=chunk_fn
+        if mesh is not None
+        else compile_loop_chunk(
+            chunk_fn, subs, state, placed, setup.data, setup.chunk_len, config.batch_size
         ),
         eval_step=jax.jit(jax.vmap(make_eval_step(setup.model.apply), in_axes=(0, 0, None, None))),
         subs=subs,
-        placed=setup.placed,
+        placed=placed,
         data=setup.data,
         batch_size=config.batch_size,
         data_seed=config.data_seed,
@@ -680,13 +695,14 @@ def _train_seeds(
         chunk_len=setup.chunk_len,
         seeds=seeds,
         lr=lr,
+        mesh=mesh,
     )
     try:
         state = run_epochs(loop, state, progress, on_chunk=saver)
     finally:
         if saver is not None:
             saver.close()
-    test_loss, test_acc = evaluate(loop.eval_step, subs, state.trainables, *setup.placed.test)
+    test_loss, test_acc = evaluate(loop.eval_step, subs, state.trainables, *placed.test, mesh=mesh)
     return _Runs(
         seeds=tuple(int(s) for s in seeds),
         learning_rates=np.full(len(seeds), lr),
@@ -710,6 +726,20 @@ def _augmenter(config: TrainConfig):
         return None
     key = augment_key(config.data_seed)
     return lambda step, xb: augment_step(key, step, xb)
+
+
+def _place_on_mesh(mesh, subs, state: LoopState, setup: Setup) -> tuple:
+    """``(subs, state, placed)`` on ``mesh``'s devices: the state along seeds (and params),
+    the batches fed from the host along ``"data"``; unchanged without a mesh."""
+    if mesh is None:
+        return subs, state, setup.placed
+    subs, trainables, opt_states, divs = sharding.place_state(
+        mesh, subs, state.trainables, state.opt_states, state.divs
+    )
+    state = state._replace(trainables=trainables, opt_states=opt_states, divs=divs)
+    data = setup.data
+    placed = Placed(False, (), (data.x_val, data.y_val), (data.x_test, data.y_test))
+    return subs, state, placed
 
 
 def _resume_from(saver: GroupCheckpointer, state, total_steps: int, seeds, progress):
@@ -791,12 +821,20 @@ def _replace_seeds(runs: _Runs, idx: np.ndarray, new: _Runs) -> _Runs:
         {**e, **{k: put(e[k], f[k]) for k in _PER_SEED_EPOCH}}
         for e, f in zip(runs.epochs, new.epochs, strict=True)
     ]
-    trainables = jax.tree_util.tree_map(
-        lambda a, b: a.at[idx].set(b), runs.trainables, new.trainables
-    )
+
+    def set_rows(a, b):
+        placed = getattr(a, "sharding", None)
+        if placed is not None and len(placed.device_set) > 1:  # the runs' meshes may differ
+            a, b = sharding.fetch((a, b))
+            a = np.array(a, copy=True)
+            a[idx] = b
+            return a
+        return a.at[idx].set(b)
+
+    trainables = jax.tree_util.tree_map(set_rows, runs.trainables, new.trainables)
     # The retried seeds' own subspaces too: with burn-in, theta0 comes from the retry's direct
     # phase, and a compressed model must pair the retry's w with it.
-    subs = jax.tree_util.tree_map(lambda a, b: a.at[idx].set(b), runs.subs, new.subs)
+    subs = jax.tree_util.tree_map(set_rows, runs.subs, new.subs)
     return runs._replace(
         learning_rates=put(runs.learning_rates, new.learning_rates),
         retries=put(runs.retries, new.retries),
@@ -861,6 +899,17 @@ def _result(
         "data_fingerprint": data_fingerprint(data),
         "config": config.to_dict(),
         "backend": jax.default_backend(),
+    }
+
+
+def _devices_record(mesh) -> dict:
+    """``devices``, ``processes`` and ``mesh`` of a run (``mesh`` None: one device)."""
+    if mesh is None:
+        return {"devices": 1, "processes": jax.process_count(), "mesh": dict(sharding.SINGLE)}
+    return {
+        "devices": int(mesh.devices.size),
+        "processes": jax.process_count(),
+        "mesh": sharding.mesh_shape(mesh),
     }
 
 
