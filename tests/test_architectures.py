@@ -207,6 +207,7 @@ def _check_state_moved_and_span(config, data, *, check_span=True):
     return result, sub, inner, state
 
 
+@pytest.mark.slow
 def test_resnet_trains_in_fastfood_subspace_with_batchnorm():
     config = TrainConfig(
         model="resnet20",
