@@ -1,4 +1,4 @@
-"""data/_augment.py: pad-4 random crop and horizontal flip, against a numpy reference."""
+"""train/_augment.py: pad-4 random crop and horizontal flip, against a numpy reference."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from subspace_jax.data._augment import (
+from subspace_jax.train._augment import (
     PAD,
     augment,
     augment_draws,

@@ -55,6 +55,10 @@ def test_inline_example_runs(block, tmp_path, monkeypatch, capsys):
     if "import equinox" in block:
         pytest.importorskip("equinox")
     monkeypatch.chdir(tmp_path)
+    # An example may register a projection: the registry is restored for the other tests.
+    from subspace_jax.projections import _base
+
+    monkeypatch.setattr(_base, "_REGISTRY", dict(_base._REGISTRY))
     with jax.numpy_dtype_promotion("standard"):
         exec(compile(block, str(DOC), "exec"), {"__name__": "__docs__"})
     assert capsys.readouterr().out  # every example prints what it shows

@@ -10,7 +10,6 @@ import pytest
 
 from subspace_jax._subspace import init_trainable
 from subspace_jax.data import iterate_batches, num_batches, shuffle_order
-from subspace_jax.data._augment import augment, batch_key
 from subspace_jax.train import (
     TrainConfig,
     _epochs,
@@ -24,6 +23,7 @@ from subspace_jax.train import (
     run_keys,
     train_and_evaluate,
 )
+from subspace_jax.train._augment import augment, batch_key
 from subspace_jax.train._loop import _build_model
 
 # 3500 training examples / 64 = 54 steps an epoch; 70 steps end inside the second epoch.

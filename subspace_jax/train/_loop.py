@@ -40,11 +40,11 @@ from subspace_jax._subspace import (
     make_layout,
 )
 from subspace_jax.data import Dataset, data_fingerprint, load_dataset, num_batches
-from subspace_jax.data._augment import augment_key, augment_step
 from subspace_jax.data._classes import select_classes
 from subspace_jax.models import build_model, classifier_path
 from subspace_jax.projections import SUBSPACE_BASE_LR, get_projection, lr_dim_factor
 from subspace_jax.train import _resume
+from subspace_jax.train._augment import augment_key, augment_step
 from subspace_jax.train._epochs import (
     Loop,
     LoopState,
@@ -143,7 +143,7 @@ class TrainConfig:
       max_retries: with ``on_divergence="retry"``, retries per diverged seed (>= 0).
       augment: standard CIFAR augmentation of every training batch (pad-4 random crop and
         horizontal flip, on the device, from ``data_seed`` and the step:
-        ``subspace_jax.data._augment``).
+        ``subspace_jax.train._augment``).
       classes: keep only these labels of the dataset, relabelled ``0..k-1`` in this order
         (None: every class); see ``subspace_jax.data.select_classes``.
       reinit_head: draw the classifier layer afresh (each seed's own ``model.init``) instead of
