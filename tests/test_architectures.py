@@ -111,6 +111,7 @@ def test_vit_rejects_bad_patch_and_heads():
         build_model("vit", CIFAR, 10, heads=3)
 
 
+@pytest.mark.slow
 def test_batchnorm_running_stats_update_like_numpy():
     """Training mode normalises with the batch and moves the running mean and variance by
     momentum 0.9; evaluation mode uses the running statistics (float64 numpy reference)."""
@@ -306,6 +307,7 @@ def test_select_classes_relabels_in_order():
             select_classes(data, bad)
 
 
+@pytest.mark.slow
 def test_classes_config_builds_a_k_class_model():
     config = TrainConfig(
         model="mlp_small", dataset="digits", epochs=1, max_steps=2, classes=(5, 6, 7, 8, 9)

@@ -49,6 +49,7 @@ def test_draws_cover_every_offset_and_both_flips():
     assert 0.45 < flip.mean() < 0.55
 
 
+@pytest.mark.slow
 def test_deterministic_from_the_data_seed_and_step():
     x = jnp.asarray(np.random.default_rng(1).normal(size=(8, 32, 32, 3)), jnp.float32)
     a = augment_step(augment_key(0), jnp.int32(5), x)

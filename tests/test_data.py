@@ -607,6 +607,7 @@ def test_real_mnist():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_cifar10():
     raw = sd.load_cifar10(_need(SHARED_DATA / "cifar10"))
     assert raw.x_train.shape == (50000, 32, 32, 3) and raw.x_test.shape == (10000, 32, 32, 3)
@@ -619,6 +620,7 @@ def test_real_cifar10():
 
 
 @pytest.mark.realdata
+@pytest.mark.slow
 def test_real_mnist_load_dataset_from_shared_root():
     ds = sd.load_dataset("mnist", _need(SHARED_DATA / "mnist").parent, image_size=32)
     assert ds.x_train.shape == (55000, 32, 32, 1) and ds.x_val.shape == (5000, 32, 32, 1)

@@ -230,6 +230,7 @@ def test_fastfood_unit_expected_column_norm():
     assert proj.column_norm(D, d) == 1.0
 
 
+@pytest.mark.slow
 def test_fastfood_columns_nearly_orthogonal_and_spread():
     proj = PROJECTIONS["fastfood"]
     D, d = 2000, 100

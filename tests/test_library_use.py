@@ -230,6 +230,7 @@ def test_bad_layout_inputs(kwargs, match):
         sj.init_subspace(jax.random.key(0), THETA0, **kwargs)
 
 
+@pytest.mark.slow
 def test_numpy_integers_are_dims():
     sub = sj.init_subspace(jax.random.key(0), THETA0, np.int64(3))
     assert sub.dim == 3

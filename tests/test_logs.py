@@ -439,6 +439,7 @@ def wandb_runs(folder):
     return runs, where
 
 
+@pytest.mark.slow
 def test_wandb_backend_offline_reads_back(tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")

@@ -167,6 +167,7 @@ def test_orthogonal_has_orthonormal_columns():
     np.testing.assert_allclose(Q @ Q.T, np.eye(30), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dense_columns_exactly_unit_and_unnormalised_entries_have_variance_1_over_d():
     P = np.asarray(
         pj.as_matrix(

@@ -178,6 +178,7 @@ def test_a_checkpoint_round_trips_the_loop_state_with_empty_leaves_and_dtypes(tm
     assert other.restore(fresh) is fresh
 
 
+@pytest.mark.slow
 def test_without_orbax_checkpointing_is_off_with_a_note(tmp_path, monkeypatch, capsys):
     from subspace_jax import cli
 

@@ -61,6 +61,7 @@ def test_zero_w_gives_theta0_exactly(name):
         assert np.array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_to_params_equals_flat_reference():
     sub = sj.init_subspace(jax.random.key(2), THETA0, 9, projection="dense")
     w = jnp.asarray(np.random.default_rng(0).standard_normal(9), jnp.float32)
@@ -169,6 +170,7 @@ def _data(n=512, seed=0):
     return x, y
 
 
+@pytest.mark.slow
 def test_grad_w_equals_projected_grad_theta():
     sub = sj.init_subspace(jax.random.key(5), THETA0, 6, projection="dense")
     x, y = _data(64)

@@ -96,6 +96,7 @@ def test_said_zero_w_gives_theta0_for_any_scales():
     assert bits_equal(jax.jit(sj.to_params)(sub, t), THETA0)
 
 
+@pytest.mark.slow
 def test_said_to_params_and_scale_gradients_against_float64():
     sub = sj.init_subspace(jax.random.key(3), THETA0, 12, said=True, projection="dense")
     rng = np.random.default_rng(0)

@@ -63,6 +63,7 @@ def test_direct_leaves_are_copies_that_survive_donation(jit):
     np.testing.assert_array_equal(np.asarray(sj.to_params(sub, t2)["params"]["b"]), before + 1)
 
 
+@pytest.mark.slow
 def test_init_trainable_vmaps_over_a_batch_of_subspaces():
     keys = jax.random.split(jax.random.key(0), 3)
     subs = jax.vmap(
@@ -90,6 +91,7 @@ def test_to_params_reads_the_dict_of_earlier_versions():
 # ------------------------------------------------------------------ default learning rate
 
 
+@pytest.mark.slow
 def test_default_learning_rate_of_a_subspace_matches_the_projection_rule():
     theta0 = {"params": {"a": jnp.zeros((60, 30)), "b": jnp.zeros(30)}}
     sub = sj.init_subspace(jax.random.key(0), theta0, 50, projection="dense")
@@ -178,6 +180,7 @@ def test_small_updates_accumulate_in_the_float32_master_copy(dtype, np_dtype):
     np.testing.assert_array_equal(np.asarray(lost, np.float32), 1.0)
 
 
+@pytest.mark.slow
 def test_small_updates_of_w_reach_narrow_parameters():
     theta0 = {"k": jnp.ones((16,), jnp.bfloat16)}
     sub = sj.init_subspace(jax.random.key(1), theta0, 4, projection="orthogonal")

@@ -106,6 +106,7 @@ def test_hvp_forward_over_reverse_equals_reverse_over_reverse(built):
     _close(rev_rev, want_h @ np.float64(v), scale * d, tol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_over_keys_of_jvp_and_vjp_equals_a_loop(built):
     proj, _, _ = built
     keys = jax.random.split(jax.random.key(7), 3)
@@ -190,6 +191,7 @@ def _transforms_through_to_params(sub, w, v, c):
 
 
 @pytest.mark.parametrize("name, per_leaf", CASES)
+@pytest.mark.slow
 def test_to_params_under_forward_and_reverse_mode(name, per_leaf):
     sub = sj.init_subspace(jax.random.key(1), THETA0, 8, projection=name, per_leaf=per_leaf)
     M = _reference_matrix(sub)
@@ -227,6 +229,7 @@ def test_transformed_step_does_not_recompile():
     assert len(traces) == 1
 
 
+@pytest.mark.slow
 def test_state_only_tangent_wrong_way_transpose_and_w_dtype(standard_dtype_promotion):
     """The map is constant in the state (zero derivative), linear in w only, and w's dtype is
     kept by its cotangent (a bf16 w with a float32 state gets a bf16 gradient)."""
