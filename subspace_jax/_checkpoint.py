@@ -81,6 +81,27 @@ def _read_leaves(path: Path, suffix: str) -> dict[str, np.ndarray]:
     return {path_to_str(p): np.asarray(leaf) for p, leaf in with_path}
 
 
+def leaf_mismatches(stored: dict, wanted: dict, ignore=lambda name: False) -> list[str]:
+    """How the leaves read from a file (``name -> array``) differ from the model's (``name ->
+    shape-bearing leaf``): missing, unexpected (unless ``ignore(name)``) and wrongly shaped
+    leaves, one phrase each; empty when they match."""
+    missing = sorted(set(wanted) - set(stored))
+    extra = sorted(n for n in set(stored) - set(wanted) if not ignore(n))
+    bad = [
+        f"{n}: file {tuple(stored[n].shape)}, model {tuple(wanted[n].shape)}"
+        for n in wanted
+        if n in stored and tuple(stored[n].shape) != tuple(wanted[n].shape)
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing leaves {missing}")
+    if extra:
+        parts.append(f"unexpected leaves {extra}")
+    if bad:
+        parts.append(f"wrong shapes ({'; '.join(bad)})")
+    return parts
+
+
 def load_params(path: str | Path, target: PyTree) -> PyTree:
     """Load a checkpoint and match it to the model's parameter tree.
 
@@ -105,21 +126,8 @@ def load_params(path: str | Path, target: PyTree) -> PyTree:
     stored = _read_leaves(path, suffix)
     with_path, treedef = jax.tree_util.tree_flatten_with_path(target)
     wanted = {path_to_str(p): leaf for p, leaf in with_path}
-    missing = sorted(set(wanted) - set(stored))
-    extra = sorted(set(stored) - set(wanted))
-    bad_shape = [
-        f"{k}: file {tuple(stored[k].shape)}, model {tuple(wanted[k].shape)}"
-        for k in wanted
-        if k in stored and tuple(stored[k].shape) != tuple(wanted[k].shape)
-    ]
-    if missing or extra or bad_shape:
-        parts = []
-        if missing:
-            parts.append(f"missing leaves {missing}")
-        if extra:
-            parts.append(f"unexpected leaves {extra}")
-        if bad_shape:
-            parts.append(f"wrong shapes ({'; '.join(bad_shape)})")
+    parts = leaf_mismatches(stored, wanted)
+    if parts:
         raise UserError(
             f"checkpoint {str(path)!r} does not match the model's parameter tree: "
             f"{', '.join(parts)}"

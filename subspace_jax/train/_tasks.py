@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from subspace_jax._checkpoint import _read_leaves, _suffix
+from subspace_jax._checkpoint import _read_leaves, _suffix, leaf_mismatches
 from subspace_jax._errors import UserError
 from subspace_jax._subspace import Trainable, to_params
 from subspace_jax._tree import path_to_str
@@ -82,21 +82,8 @@ def checkpoint_without_head(path: str, model) -> Callable[[jax.Array], PyTree]:
     with_path, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     names = [path_to_str(p) for p, _ in with_path]
     wanted = {n: leaf for n, (_, leaf) in zip(names, with_path, strict=True) if not inside(n)}
-    missing = sorted(set(wanted) - set(stored))
-    extra = sorted(n for n in set(stored) - set(wanted) if not inside(n))
-    bad = [
-        f"{n}: file {tuple(stored[n].shape)}, model {tuple(wanted[n].shape)}"
-        for n in wanted
-        if n in stored and tuple(stored[n].shape) != tuple(wanted[n].shape)
-    ]
-    if missing or extra or bad:
-        parts = []
-        if missing:
-            parts.append(f"missing leaves {missing}")
-        if extra:
-            parts.append(f"unexpected leaves {extra}")
-        if bad:
-            parts.append(f"wrong shapes ({'; '.join(bad)})")
+    parts = leaf_mismatches(stored, wanted, ignore=inside)
+    if parts:
         raise UserError(
             f"checkpoint {str(path)!r} does not match the model outside its classifier "
             f"{model.head!r}: {', '.join(parts)}"
