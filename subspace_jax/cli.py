@@ -330,7 +330,9 @@ def _devices(args):
 
     A process other than 0 trains like process 0 (every process runs the same program) but
     writes its files into a private temporary folder (a copy of ``--out``'s ``runs.jsonl``,
-    so it reuses exactly the runs process 0 reuses) and prints nothing on stdout.
+    so it reuses exactly the runs process 0 reuses), prints nothing on stdout and writes no
+    ``--log``; its checkpoints go to process 0's folder (orbax's multi-host mode: the
+    processes save each checkpoint together and process 0 writes it).
     """
     if not hasattr(args, "devices"):
         yield
@@ -362,6 +364,7 @@ def _devices(args):
             spec, len(plan.devices), len(parse_seeds(args.seeds)), args.batch_size
         )
     args.device_plan = plan
+    args.checkpoint_default = _default_checkpoint_dir(args)  # before the private folder
     with contextlib.ExitStack() as stack:
         import jax
 
@@ -641,6 +644,10 @@ def _make_logs(args, command: str, config):
         raise CLIError(str(e)) from None
     if not specs:
         return None
+    import jax
+
+    if jax.process_index() != 0:  # process 0 alone logs a multi-process run
+        return None
     base = _log_base(args, command)
     backends = []
     for spec in specs:
@@ -676,11 +683,22 @@ def _make_logs(args, command: str, config):
 # ------------------------------------------------------------------------------ commands
 
 
-def _checkpoint_options(args, default_dir: Path | None):
+def _default_checkpoint_dir(args) -> Path | None:
+    """Where a command checkpoints without ``--checkpoint-dir``: ``OUT/checkpoints``, else
+    ``JSON.checkpoints``, else nowhere (None)."""
+    if getattr(args, "out", None):
+        return Path(args.out) / "checkpoints"
+    if getattr(args, "json", None):
+        return Path(f"{args.json}.checkpoints")
+    return None
+
+
+def _checkpoint_options(args):
     """The run's :class:`CheckpointOptions` from the flags, or None (checkpointing off).
 
-    On by default when orbax is installed and there is a folder to checkpoint in; a
-    checkpoint flag without orbax (or without a folder) says why it is off on stderr.
+    On by default when orbax is installed and there is a folder to checkpoint in (see
+    :func:`_default_checkpoint_dir`; every process of a multi-process run uses process 0's);
+    a checkpoint flag without orbax (or without a folder) says why it is off on stderr.
     """
     from subspace_jax.train import CheckpointOptions
     from subspace_jax.train._resume import ORBAX_MISSING, available
@@ -697,6 +715,7 @@ def _checkpoint_options(args, default_dir: Path | None):
         if asked:
             print(f"note: {ORBAX_MISSING}", file=sys.stderr)
         return None
+    default_dir = getattr(args, "checkpoint_default", None) or _default_checkpoint_dir(args)
     directory = args.checkpoint_dir or default_dir
     if directory is None:
         if asked:
@@ -745,14 +764,7 @@ def cmd_train(args) -> int:
         )
     written = True
     status = 0
-    default_dir = (
-        Path(args.out) / "checkpoints"
-        if args.out
-        else Path(f"{args.json}.checkpoints")
-        if args.json
-        else None
-    )
-    checkpoint = _checkpoint_options(args, default_dir)
+    checkpoint = _checkpoint_options(args)
     if args.save_compressed or args.save_params:
         result, trained = train_and_evaluate(config, data, progress=progress, checkpoint=checkpoint)
         saved = result["per_seed"][0]
@@ -782,8 +794,8 @@ def cmd_train(args) -> int:
         written &= write_or_fallback(Path(args.out) / "result.json", _json_writer(result))
     if args.json:
         written &= write_or_fallback(args.json, _json_writer(result))
-    if checkpoint is not None and written:
-        remove_checkpoints(checkpoint, config, result["data_fingerprint"])
+    if checkpoint is not None:  # every process: with several, removing is a barrier
+        remove_checkpoints(checkpoint, config, result["data_fingerprint"], keep=not written)
     print(
         f"D = {result['num_params']}  d = {result['dim']}  "
         f"val acc {_fmt(result['val_accuracy'])} (best {_fmt(result['best_val_accuracy'])})  "
@@ -903,7 +915,7 @@ def cmd_sweep(args) -> int:
             fraction=args.fraction,
             metric=args.metric,
             progress=progress,
-            checkpoint=_checkpoint_options(args, out / "checkpoints"),
+            checkpoint=_checkpoint_options(args),
         )
         result.update(device_fields(args, len(config.seeds), config.batch_size))
         written = write_or_fallback(out / "sweep.json", _json_writer(result))
@@ -975,7 +987,7 @@ def cmd_id(args) -> int:
             d_max=args.d_max,
             n_bootstrap=args.bootstrap,
             progress=progress,
-            checkpoint=_checkpoint_options(args, out / "checkpoints"),
+            checkpoint=_checkpoint_options(args),
         )
         result.update(device_fields(args, len(config.seeds), config.batch_size))
         from subspace_jax import _results

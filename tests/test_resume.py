@@ -297,3 +297,71 @@ def test_a_run_sharded_over_four_devices_resumes_to_the_uninterrupted_numbers(tm
     assert out["whole"]["mesh"] == {"seeds": 4, "data": 1, "params": 1}
     assert any("from the checkpoint at step 32" in t for t in out["messages"]), out["messages"]
     assert _untimed(out["resumed"]) == _untimed(out["whole"])
+
+
+def _two_processes(args, out: Path, log: Path) -> list[subprocess.Popen]:
+    """``train args --out out`` on 2 processes x 2 forced CPU devices over 127.0.0.1 (gloo);
+    process 0's stderr piped, process 1's into ``log``."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**_env(), "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env["JAX_PLATFORMS"] = "cpu"
+    procs = []
+    for pid in range(2):
+        flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", "2"]
+        cmd = [*args, "--out", str(out), *flags, "--process-id", str(pid)]
+        err = subprocess.PIPE if pid == 0 else log.open("w")
+        procs.append(subprocess.Popen(cmd, env=env, stderr=err, text=True))
+    return procs
+
+
+@needs_orbax
+@pytest.mark.slow
+def test_two_processes_killed_after_the_second_epoch_resume_together(tmp_path):
+    """orbax's multi-host mode: both processes checkpoint into process 0's folder, are
+    SIGKILLed after epoch 2, and the rerun of both resumes from that shared checkpoint (only
+    the remaining epochs train) to the uninterrupted two-process run's exact numbers."""
+    ref = tmp_path / "ref"
+    procs = _two_processes(TRAIN, ref, tmp_path / "ref1.log")
+    for p in procs:
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, (err or (tmp_path / "ref1.log").read_text())[-3000:]
+    whole = json.loads((ref / "result.json").read_text())
+    assert whole["processes"] == 2 and whole["devices"] == 4
+    assert not (ref / "checkpoints").exists()
+
+    out = tmp_path / "run"
+    procs = _two_processes(TRAIN, out, tmp_path / "run1.log")
+    lines = []
+    for line in procs[0].stderr:
+        lines.append(line)
+        if line.strip().startswith("epoch   2"):
+            break
+    deadline = time.monotonic() + 120
+    while not list((out / "checkpoints").glob("*/group-0/108")):
+        assert time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    for p in procs:
+        p.wait()
+        assert p.returncode == -signal.SIGKILL, "".join(lines)
+    assert not (out / "result.json").exists()
+    steps = sorted(int(p.name) for p in (out / "checkpoints").glob("*/group-0/[0-9]*"))
+    assert 108 in steps and max(steps) < 216, steps  # one shared folder, process 0's
+
+    procs = _two_processes(TRAIN, out, tmp_path / "rerun1.log")
+    _, err = procs[0].communicate(timeout=600)
+    procs[1].wait(timeout=600)
+    assert procs[0].returncode == 0 and procs[1].returncode == 0, err[-3000:]
+    start = max(steps)
+    for text in (err, (tmp_path / "rerun1.log").read_text()):
+        assert f"from the checkpoint at step {start} of 216" in text, text[-3000:]
+    epochs = [ln.split()[1] for ln in err.splitlines() if ln.strip().startswith("epoch")]
+    assert epochs == [str(e) for e in range(start // 54 + 1, 5)]  # only the remaining epochs
+    resumed = json.loads((out / "result.json").read_text())
+    assert _untimed(resumed) == _untimed(whole)
+    assert not (out / "checkpoints").exists()  # removed by process 0 once both were done

@@ -20,6 +20,13 @@ run again; they are deterministic). A resumed run therefore ends with exactly th
 uninterrupted one. orbax writes each checkpoint to a temporary folder and renames it when
 complete, so a run killed while saving resumes from the previous one.
 
+Several processes (``jax.distributed``) checkpoint one run together, orbax's multi-host
+way: every process calls save and restore in the same order on the same folder (a
+filesystem they share), the state is gathered to every host first and process 0 alone writes
+it and the metadata, and orbax's barriers make a checkpoint complete only once every process
+has reached it. :func:`remove_checkpoints` waits for every process and then lets process 0
+delete the folder.
+
 orbax is an optional dependency (the ``checkpoint`` extra): without it :func:`available` is
 False and callers turn checkpointing off (saying so when it was asked for).
 """
@@ -38,6 +45,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from subspace_jax import sharding
 from subspace_jax.data import Dataset, data_fingerprint
 from subspace_jax.train._epochs import LoopState
 
@@ -102,10 +110,23 @@ def run_directory(options: CheckpointOptions, config, data: Dataset | str) -> Pa
     return Path(options.directory) / run_key(config, data)
 
 
-def remove_checkpoints(options: CheckpointOptions, config, data: Dataset | str) -> None:
+def remove_checkpoints(
+    options: CheckpointOptions, config, data: Dataset | str, *, keep: bool = False
+) -> None:
     """Delete a run's checkpoints (``data``: the dataset or its fingerprint), and the root
-    folder when nothing else is left in it; nothing when ``options.keep``."""
-    if options.keep:
+    folder when nothing else is left in it; nothing when ``options.keep`` or ``keep`` (e.g.
+    the result could not be written where asked).
+
+    With several processes every process must call this (it is a barrier) and process 0
+    alone deletes, so no process is still reading the folder.
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("subspace-jax: a run's checkpoints are done")
+        if jax.process_index() != 0:
+            return
+    if options.keep or keep:
         return
     shutil.rmtree(run_directory(options, config, data), ignore_errors=True)
     root = Path(options.directory)
@@ -116,7 +137,8 @@ def remove_checkpoints(options: CheckpointOptions, config, data: Dataset | str) 
 
 
 def _host(tree):
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    """``tree`` as numpy arrays on this host, gathered when spread over several processes."""
+    return jax.tree_util.tree_map(np.asarray, sharding.fetch(tree))
 
 
 def _pack(tree) -> dict[str, np.ndarray]:
