@@ -295,8 +295,8 @@ def _add_divergence_args(p: argparse.ArgumentParser) -> None:
 # ------------------------------------------------------------------------------ devices
 
 
-def _add_device_args(p: argparse.ArgumentParser) -> None:
-    """``--devices``, ``--mesh`` and the multi-host flags (docs/scaling.md)."""
+def _add_device_args(p: argparse.ArgumentParser, *, multi_host: bool = True) -> None:
+    """``--devices``, ``--mesh`` and (``multi_host``) the multi-host flags (docs/scaling.md)."""
     p.add_argument(
         "--devices",
         type=_positive_int,
@@ -310,6 +310,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
         help="devices per mesh axis (product = devices; S must divide the number of seeds, "
         "B the batch size); default: seeds=gcd(seeds, devices), data=the rest, params=1",
     )
+    if not multi_host:
+        return
     p.add_argument(
         "--coordinator",
         default=None,
@@ -342,17 +344,14 @@ def _devices(args):
 
     from subspace_jax import sharding
 
-    multi = (args.coordinator, args.num_processes, args.process_id)
+    multi = tuple(getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id"))
     # Under ``srun`` with several tasks, jax.distributed.initialize() reads SLURM's variables.
     srun = os.environ.get("SLURM_STEP_NUM_TASKS", "1") != "1"
     if any(v is not None for v in multi) or srun:
-        if args.coordinator is not None and (args.num_processes is None or args.process_id is None):
+        if multi[0] is not None and (multi[1] is None or multi[2] is None):
             raise CLIError("--coordinator needs --num-processes and --process-id")
-        if args.num_processes is not None and args.process_id is not None:
-            if args.process_id >= args.num_processes:
-                raise CLIError(
-                    f"--process-id must be in 0..{args.num_processes - 1}, got {args.process_id}"
-                )
+        if multi[1] is not None and multi[2] is not None and multi[2] >= multi[1]:
+            raise CLIError(f"--process-id must be in 0..{multi[1] - 1}, got {multi[2]}")
         try:
             sharding.initialize_distributed(*multi)
         except (RuntimeError, ValueError) as e:
@@ -360,9 +359,8 @@ def _devices(args):
     spec = sharding.parse_mesh(args.mesh) if args.mesh else sharding.MeshSpec()
     plan = sharding.local_plan(args.devices, spec)
     if args.mesh:
-        sharding.check_mesh_spec(
-            spec, len(plan.devices), len(parse_seeds(args.seeds)), args.batch_size
-        )
+        seeds = len(parse_seeds(args.seeds)) if hasattr(args, "seeds") else 1  # bench: one
+        sharding.check_mesh_spec(spec, len(plan.devices), seeds, args.batch_size)
     args.device_plan = plan
     args.checkpoint_default = _default_checkpoint_dir(args)  # before the private folder
     with contextlib.ExitStack() as stack:
@@ -1148,6 +1146,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_bench(args) -> int:
+    from subspace_jax import sharding
     from subspace_jax.bench import plot_benchmark, run_benchmark
     from subspace_jax.data import DATASETS
     from subspace_jax.models import model_names
@@ -1183,6 +1182,8 @@ def cmd_bench(args) -> int:
         dim_caps=caps,
         accuracy_steps=args.accuracy_steps,
         model_overrides={"width": args.width} if args.width is not None else {},
+        devices=len(args.device_plan.devices) if hasattr(args, "device_plan") else None,
+        mesh=sharding.parse_mesh(args.mesh).to_dict() if args.mesh else None,
     )
     bar.clear()
     written = True
@@ -1439,6 +1440,8 @@ def _add_bench_parser(sub, common: argparse.ArgumentParser) -> None:
         default=0,
         help="also train this many steps on real data and report val accuracy",
     )
+    # One host: each cell runs in its own process, timing one seed's step on the mesh.
+    _add_device_args(p, multi_host=False)
     p.add_argument("--json", default=None, help="write the JSON list of records here")
     p.add_argument("--png", default=None, help="plot step-time and memory ratios vs d here")
     p.set_defaults(func=cmd_bench)

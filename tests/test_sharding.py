@@ -357,6 +357,55 @@ def test_sweep_and_id_spread_seeds_over_4_devices_with_one_device_results(tmp_pa
         assert_same_seed(a, b)
 
 
+BENCH_STEPS = """
+import json
+import jax
+import numpy as np
+from subspace_jax.bench._worker import _Worker
+
+spec = {"model": "mlp_small", "dataset": "mnist", "input_shape": [28, 28, 1], "batch_size": 64,
+        "steps": 1, "warmup": 1, "seed": 0, "model_overrides": {"width": 8}}
+out = {}
+for devices, mesh in ((1, {}), (4, {}), (4, {"params": 2})):
+    worker = _Worker({**spec, "devices": devices, "mesh": mesh})
+    got = {"fields": worker.device_fields()}
+    for name in ("fastfood", "dense"):  # the sharded projection steps run and are timed
+        rec = worker.cell(name, 30)
+        assert rec["step_time_ms"] > 0 and rec["mesh"] == got["fields"]["mesh"], rec
+    worker.direct.run(worker.x, worker.y, 3)  # as many direct steps on every mesh
+    leaves = jax.tree_util.tree_leaves(jax.device_get(worker.direct.trainable))
+    got["direct"] = [np.asarray(x).reshape(-1).tolist() for x in leaves]
+    out[f"{devices}-{mesh}"] = got
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+def test_bench_times_one_seeds_step_sharded_over_the_devices(tmp_path):
+    """``bench`` on 4 forced devices: the batch split 4 ways (or 2 x params 2), the records
+    say so, and the sharded direct step trains to the one-device numbers."""
+    proc = run_python(BENCH_STEPS, devices=4)
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["1-{}"]["fields"] == {"devices": 1, "mesh": {"seeds": 1, "data": 1, "params": 1}}
+    assert out["4-{}"]["fields"] == {"devices": 4, "mesh": {"seeds": 1, "data": 4, "params": 1}}
+    assert out["4-{'params': 2}"]["fields"]["mesh"] == {"seeds": 1, "data": 2, "params": 2}
+    one = out["1-{}"]["direct"]
+    for key in ("4-{}", "4-{'params': 2}"):
+        for a, b in zip(out[key]["direct"], one, strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    bench = ["bench", "--quiet", "--model", "mlp_small", "--width", "8", "--dims", "30"]
+    bench += ["--projections", "fastfood", "--steps", "2", "--warmup", "1", "--batch-size", "64"]
+    for flags, want in (([], 4), (["--devices", "2"], 2)):
+        path = tmp_path / f"bench{want}.json"
+        proc = run_cli([*bench, *flags, "--json", path], devices=4)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        (rec,) = json.loads(path.read_text())
+        assert rec["devices"] == want and rec["mesh"]["data"] == want, rec
+        assert rec["step_time_ms"] > 0
+    proc = run_cli([*bench, "--mesh", "seeds=2,data=2"], devices=4)
+    assert proc.returncode == 2 and "divide the number of seeds (1)" in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "flags, match",

@@ -202,6 +202,8 @@ def run_benchmark(
     accuracy_steps: int = 0,
     model_overrides: Mapping[str, Any] | None = None,
     cell_timeout_s: float = 1800.0,
+    devices: int | None = None,
+    mesh: Mapping[str, Any] | None = None,
 ) -> list[Record]:
     """Time the training step of each projection at each d against direct training.
 
@@ -229,6 +231,11 @@ def run_benchmark(
         ``val_accuracy`` (and ``direct_val_accuracy``).
       model_overrides: keyword overrides for ``build_model`` (e.g. ``{"width": 8}``).
       cell_timeout_s: a subprocess running longer is stopped and its cells skipped.
+      devices: time the steps on this many of the local devices (None: all of them): one
+        seed's sharded training step, the batch split along ``"data"``.
+      mesh: the layout, a :class:`~subspace_jax.sharding.MeshSpec` as a dict (e.g.
+        ``{"params": 2}`` to split the projection state too); None: the batch over every
+        device. Records give ``devices`` and ``mesh``.
 
     Returns:
       One record per ``(projection, d)`` in the order given, each with at least
@@ -264,6 +271,8 @@ def run_benchmark(
         "seed": int(seed),
         "accuracy_steps": int(accuracy_steps),
         "model_overrides": dict(model_overrides or {}),
+        "devices": None if devices is None else int(devices),
+        "mesh": dict(mesh or {}),
     }
     with tempfile.TemporaryDirectory(prefix="subspace_bench_") as tmp:
         run = _runner(isolate, Path(tmp), cell_timeout_s)
@@ -312,6 +321,8 @@ def _base_record(spec: dict, direct: Record, cell: Cell, budget: int, isolate: s
         backend=direct["backend"],
         device=direct.get("device"),
         host=direct.get("host"),
+        devices=direct.get("devices"),
+        mesh=direct.get("mesh"),
         steps=spec["steps"],
         warmup=spec["warmup"],
         isolation=isolate,

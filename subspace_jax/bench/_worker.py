@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from subspace_jax import _results
+from subspace_jax import _results, sharding
 from subspace_jax._subspace import (
     check_finite,
     init_from_layout,
@@ -99,9 +99,13 @@ def copy_bandwidth(nbytes: int = 256 << 20, repeats: int = 5) -> float:
 
 
 class _Stepper:
-    """One jitted training step with its state, timed in place (state is donated)."""
+    """One jitted training step with its state, timed in place (state is donated).
 
-    def __init__(self, model, sub, lr: float):
+    With a ``mesh`` the step is training's sharded one (:func:`sharding.sharded_train_step`)
+    for one seed: the batch split along ``"data"``, the projection state along ``"params"``.
+    """
+
+    def __init__(self, model, sub, lr: float, mesh=None):
 
         opt = make_optimizer("adam", lr)
 
@@ -111,9 +115,18 @@ class _Stepper:
             trainable = init_train_vars(sub)
             return trainable, opt.init(split_state(trainable)[0])
 
-        self.sub = sub
-        self.trainable, self.opt_state = jax.jit(start)(sub)  # one compile, not one per op
-        self.step = jax.jit(make_train_step(model.apply, opt), donate_argnums=(1, 2))
+        step = make_train_step(model.apply, opt)
+        if mesh is None:
+            self.sub = sub
+            self.trainable, self.opt_state = jax.jit(start)(sub)  # one compile, not one per op
+            self.step = jax.jit(step, donate_argnums=(1, 2))
+        else:
+            subs = jax.tree_util.tree_map(lambda a: a[None], sub)  # a seed axis of 1
+            trainable, opt_state = jax.jit(jax.vmap(start))(subs)
+            self.sub, self.trainable, self.opt_state = sharding.place_state(
+                mesh, subs, trainable, opt_state
+            )
+            self.step = sharding.sharded_train_step(step, mesh)
 
     def run(self, x, y, n: int) -> list[float]:
         times = []
@@ -145,11 +158,17 @@ class _Worker:
         self.theta0 = jax.jit(self.model.init)(k_model)
         b = int(spec["batch_size"])
         rng = np.random.default_rng(int(spec["seed"]))
-        self.x = jax.device_put(rng.standard_normal((b, *shape), dtype=np.float32))
-        self.y = jax.device_put(rng.integers(0, 10, size=(b,), dtype=np.int32))
+        self.mesh = bench_mesh(spec)
+        self.x, self.y = sharding.shard_batch(
+            self.mesh,
+            jax.device_put(rng.standard_normal((b, *shape), dtype=np.float32)),
+            jax.device_put(rng.integers(0, 10, size=(b,), dtype=np.int32)),
+        )
         self.warmup, self.steps = int(spec["warmup"]), int(spec["steps"])
         self.bandwidth: float | None = None  # measured once per process, when first needed
-        self.direct = _Stepper(self.model, init_subspace(k_model, self.theta0, 0), DIRECT_LR)
+        self.direct = _Stepper(
+            self.model, init_subspace(k_model, self.theta0, 0), DIRECT_LR, self.mesh
+        )
         self.direct.run(self.x, self.y, self.warmup)  # compiles
 
     def direct_record(self) -> Record:
@@ -166,7 +185,14 @@ class _Worker:
             "backend": self.backend,
             "device": str(jax.devices()[0].device_kind),
             "host": host_description(),
+            **self.device_fields(),
         }
+
+    def device_fields(self) -> Record:
+        """``devices`` and ``mesh`` of the timed steps (as in training's result JSON)."""
+        if self.mesh is None:
+            return {"devices": 1, "mesh": dict(sharding.SINGLE)}
+        return {"devices": int(self.mesh.devices.size), "mesh": sharding.mesh_shape(self.mesh)}
 
     def cell(self, name: str, d: int) -> Record:
 
@@ -179,7 +205,7 @@ class _Worker:
         setup_s = time.perf_counter() - t
         check_finite(sub)
         lr = default_learning_rate(sub)
-        stepper = _Stepper(self.model, sub, lr)
+        stepper = _Stepper(self.model, sub, lr, self.mesh)
         t = time.perf_counter()
         stepper.run(self.x, self.y, 1)
         compile_s = time.perf_counter() - t
@@ -207,6 +233,7 @@ class _Worker:
             "state_bytes": int(get_projection(name).state_bytes(D, d)),
             "backend": self.backend,
             "load_average": _load_average(),
+            **self.device_fields(),
         }
         if name in STORED_DENSE:
             if self.bandwidth is None:
@@ -237,12 +264,20 @@ class _Worker:
             seeds=(int(spec["seed"]),),
             model_overrides=dict(spec.get("model_overrides", {})),
         )
-        res = train_and_evaluate(config).result
+        res = train_and_evaluate(config, mesh=self.mesh).result
         return {
             "val_accuracy": res["val_accuracy"],
             "accuracy_steps": res["steps"],
             "accuracy_data": res["data_source"],
         }
+
+
+def bench_mesh(spec: Mapping[str, Any]):
+    """The mesh of the timed steps: ``spec["devices"]`` of this process's devices (None: all)
+    laid out by ``spec["mesh"]`` (a :class:`~subspace_jax.sharding.MeshSpec` as a dict) for
+    one seed; None on one device."""
+    plan = sharding.local_plan(spec.get("devices"), sharding.MeshSpec(**(spec.get("mesh") or {})))
+    return sharding.resolve_mesh(plan, 1, int(spec["batch_size"]))
 
 
 def _failure(exc: BaseException) -> str:
