@@ -368,10 +368,11 @@ def _devices(args):
 
         if jax.process_index() != 0:
             private = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="subspace-")))
-            for name in ("out", "json", "save_compressed"):
+            for name in ("out", "json", "save_compressed", "save_params"):
                 if getattr(args, name, None):
                     old = Path(getattr(args, name))
-                    new = private / name
+                    # The file's own name kept: its suffix says the format (.npz, .msgpack).
+                    new = private / (name if name == "out" else f"{name}-{old.name}")
                     if name == "out" and old.is_dir():
                         shutil.copytree(old, new, ignore=shutil.ignore_patterns("*.lock"))
                     setattr(args, name, str(new))

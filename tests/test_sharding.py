@@ -456,12 +456,27 @@ def run_two_processes(args, tmp_path, name):
 @pytest.mark.slow
 def test_two_processes_give_the_one_process_result_for_train_and_sweep(tmp_path):
     train = ["train", *TINY, "--seeds", "0,1", "--dim", "20", "--projection", "fastfood"]
-    two = run_two_processes(train, tmp_path, "train")
-    one = cli_json(tmp_path, "train_one", [*train, "--devices", "1"], devices=1)
+    # The same command on every process: process 0 alone writes the model files.
+    saves = ["--save-compressed", tmp_path / "two.npz", "--save-params", tmp_path / "two_p.npz"]
+    two = run_two_processes([*train, *saves], tmp_path, "train")
+    saves = ["--save-compressed", tmp_path / "one.npz", "--save-params", tmp_path / "one_p.npz"]
+    one = cli_json(tmp_path, "train_one", [*train, "--devices", "1", *saves], devices=1)
     assert two["devices"] == 4 and two["processes"] == 2
     assert two["mesh"] == {"seeds": 2, "data": 2, "params": 1}
     for a, b in zip(per_seed_with_losses(two), per_seed_with_losses(one), strict=True):
         assert_same_seed(a, b)
+    assert sorted(p.name for p in tmp_path.glob("*.npz")) == [
+        "one.npz", "one_p.npz", "two.npz", "two_p.npz"
+    ]  # fmt: skip
+    # The gathered model: the compressed file scores seed 0's test numbers, the full
+    # parameters equal the one-process run's.
+    evaluate = ["evaluate", "--compressed", tmp_path / "two.npz"]
+    evaluated = cli_json(tmp_path, "eval_two", evaluate, devices=1)
+    assert evaluated["test_loss"] == pytest.approx(two["per_seed"][0]["test_loss"], rel=1e-5)
+    with np.load(tmp_path / "two_p.npz") as a, np.load(tmp_path / "one_p.npz") as b:
+        assert sorted(a.files) == sorted(b.files)
+        for name in a.files:
+            np.testing.assert_allclose(a[name], b[name], rtol=1e-4, atol=1e-5)
     sweep = ["sweep", *TINY, "--seeds", "0,1", "--dims", "8", "--projection", "fastfood"]
     two = run_two_processes([*sweep, "--out", tmp_path / "sw2"], tmp_path, "sweep")
     one = cli_json(tmp_path, "sweep_one", [*sweep, "--out", tmp_path / "sw1"], devices=1)

@@ -526,7 +526,9 @@ def train_and_evaluate(
     """
     validate_config(config)
     t_start = time.perf_counter()
-    setup = setup_run(config, data, theta0_fn)
+    run_mesh = sharding.resolve_mesh(mesh, len(config.seeds), config.batch_size)
+    # On a mesh the loop feeds batches from the host: no copy of the data on one device.
+    setup = setup_run(config, data, theta0_fn, place=run_mesh is None)
     if checkpoint is not None and not _resume.available():
         warnings.warn(ORBAX_MISSING, stacklevel=2)
         checkpoint = None
@@ -543,13 +545,15 @@ def train_and_evaluate(
     if config.on_divergence == "retry":
         runs = _retry_diverged(runs, setup.lr, config.max_retries, train, progress)
     result = _result(config, setup.layout, setup.data, setup.theta0_fn, setup.lr, runs, t_start)
-    run_mesh = sharding.resolve_mesh(mesh, len(config.seeds), config.batch_size)
     result.update(_devices_record(run_mesh))
     return TrainOutput(result, Trained(setup.model, runs.subs, runs.trainables))
 
 
-def setup_run(config: TrainConfig, data: Dataset | None, theta0_fn=None) -> Setup:
-    """Check the config against the model, load and place the data, fix the schedule."""
+def setup_run(
+    config: TrainConfig, data: Dataset | None, theta0_fn=None, *, place: bool = True
+) -> Setup:
+    """Check the config against the model, load the data and (``place``) copy it to the
+    device when it fits, fix the schedule."""
     if data is None:
         # Check the model and the subspace's sizes before reading (possibly large) data.
         expected = build_model(
@@ -571,7 +575,7 @@ def setup_run(config: TrainConfig, data: Dataset | None, theta0_fn=None) -> Setu
         theta0_fn=theta0_fn,
         layout=layout,
         data=data,
-        placed=place_data(data),
+        placed=place_data(data) if place else place_data(data, limit=0),
         total_steps=total_steps,
         lottery_every=lottery_every,
         lr=resolve_lr(config, layout),
