@@ -89,17 +89,9 @@ def _env():
     return env
 
 
-@needs_orbax
-@pytest.mark.slow
-def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tmp_path):
-    ref = tmp_path / "ref"
-    subprocess.run([*TRAIN, "--out", str(ref), "--quiet"], check=True, env=_env())
-    whole = json.loads((ref / "result.json").read_text())
-
-    out = tmp_path / "run"
-    proc = subprocess.Popen(
-        [*TRAIN, "--out", str(out)], env=_env(), stderr=subprocess.PIPE, text=True
-    )
+def _wait_for_epoch_2_checkpoint(proc: subprocess.Popen, out: Path) -> list[str]:
+    """Read ``proc``'s stderr to its line for epoch 2, then wait for that epoch's checkpoint
+    (step 108) under ``out/checkpoints``; the lines read."""
     lines = []
     for line in proc.stderr:
         lines.append(line)
@@ -111,6 +103,21 @@ def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tm
     while not list((out / "checkpoints").glob("*/group-0/108")):
         assert time.monotonic() < deadline, "".join(lines)
         time.sleep(0.05)
+    return lines
+
+
+@needs_orbax
+@pytest.mark.slow
+def test_train_killed_after_its_second_epoch_resumes_only_the_remaining_steps(tmp_path):
+    ref = tmp_path / "ref"
+    subprocess.run([*TRAIN, "--out", str(ref), "--quiet"], check=True, env=_env())
+    whole = json.loads((ref / "result.json").read_text())
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [*TRAIN, "--out", str(out)], env=_env(), stderr=subprocess.PIPE, text=True
+    )
+    lines = _wait_for_epoch_2_checkpoint(proc, out)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "".join(lines)
@@ -335,15 +342,7 @@ def test_two_processes_killed_after_the_second_epoch_resume_together(tmp_path):
 
     out = tmp_path / "run"
     procs = _two_processes(TRAIN, out, tmp_path / "run1.log")
-    lines = []
-    for line in procs[0].stderr:
-        lines.append(line)
-        if line.strip().startswith("epoch   2"):
-            break
-    deadline = time.monotonic() + 120
-    while not list((out / "checkpoints").glob("*/group-0/108")):
-        assert time.monotonic() < deadline, "".join(lines)
-        time.sleep(0.05)
+    lines = _wait_for_epoch_2_checkpoint(procs[0], out)
     for p in procs:
         p.send_signal(signal.SIGKILL)
     for p in procs:
