@@ -64,7 +64,11 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--max-cell-seconds", type=float, default=60.0)
     p.add_argument("--isolate", default="cell", choices=("cell", "projection", "none"))
-    p.add_argument("--models", default=",".join(f"{m}:{d}" for m, d in MODELS))
+    p.add_argument(
+        "--models",
+        default=",".join(f"{m}:{d}" for m, d in MODELS),
+        help="models timed with --projections at --dims ('' for none)",
+    )
     p.add_argument("--projections", default=",".join(PROJECTIONS))
     p.add_argument("--dims", default=",".join(str(d) for d in DIMS))
     p.add_argument(
@@ -76,7 +80,7 @@ def main(argv=None) -> int:
     p.add_argument("--arch-dims", default=",".join(str(d) for d in ARCH_DIMS))
     args = p.parse_args(argv)
 
-    models = [tuple(m.split(":")) for m in args.models.split(",")]
+    models = [tuple(m.split(":")) for m in args.models.split(",") if m]  # '': none
     projections = args.projections.split(",")
     dims = [d if d == "full" else int(d) for d in args.dims.split(",")]
     records: list[dict] = []

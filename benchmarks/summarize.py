@@ -378,6 +378,11 @@ def _load_text(records: list[dict]) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description="Write BENCHMARKS.md from the benchmark JSON.")
     p.add_argument("--cpu", default=str(ROOT / "benchmarks/results/cpu.json"))
+    p.add_argument(
+        "--cpu-arch",
+        default=str(ROOT / "benchmarks/results/cpu_arch.json"),
+        help="ResNet-20 and ViT on the CPU (benchmarks/run_arch.sh), a section of its own",
+    )
     p.add_argument("--gpu", default=str(ROOT / "benchmarks/results/gpu.json"))
     p.add_argument("--out", default=str(ROOT / "BENCHMARKS.md"))
     args = p.parse_args(argv)
@@ -389,6 +394,8 @@ def main(argv=None) -> int:
     lines += _targets(cpu, gpu)
     lines += _fastfood_gap()
     lines += _backend_section("CPU", cpu)
+    arch = _load(Path(args.cpu_arch))
+    lines += _backend_section("CPU, real architectures (matrix-free projections)", arch)
     lines += _backend_section("GPU", gpu)
     if not gpu:
         lines += [
@@ -400,7 +407,8 @@ def main(argv=None) -> int:
             "",
         ]
     out = Path(args.out).resolve()
-    for label, recs, src in (("CPU", cpu, args.cpu), ("GPU", gpu, args.gpu)):
+    plots = (("CPU", cpu, args.cpu), ("CPU architectures", arch, args.cpu_arch))
+    for label, recs, src in (*plots, ("GPU", gpu, args.gpu)):
         if not recs:
             continue
         # The plots are redrawn from the JSON, so they always match the tables.

@@ -435,7 +435,7 @@ def load_subspace(
     states = stored_states(header, arrays, layout, name)
     key = header["keys"]["projection"]
     sub = _rebuild_sub(layout, theta0, None if key is None else key_from_record(key), states)
-    sub = sub.replace(other_collections=_others(header, arrays, variables, layout, name))
+    sub = sub.replace(other_collections=stored_others(header, arrays, variables, layout, name))
     check_finite(sub)
     trainable = trainable_from_arrays(arrays, layout, name)
     params = _to_params(sub, trainable, sub.other_collections)
@@ -536,7 +536,9 @@ def stored_states(header, arrays, layout: Layout, name: str) -> tuple | None:
     return tuple(states)
 
 
-def _others(header, arrays, variables, layout: Layout, name: str) -> dict:
+def stored_others(header, arrays, variables, layout: Layout, name: str) -> dict:
+    """The model state stored as ``other_<j>`` arrays, in the tree of ``variables`` (values or
+    shapes) minus its projected collections; {} for a model without state."""
     if layout.collections is None:
         return {}
     _, others, _ = split_collections(variables, layout.collections)

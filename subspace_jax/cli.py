@@ -1084,18 +1084,7 @@ def _subspace_kind_config(args, config):
     check_config(config)
     if args.save_compressed and not config.dim:
         raise CLIError("--save-compressed needs a subspace run (--dim >= 1)")
-    if args.save_compressed and _has_state(config):
-        raise CLIError(
-            f"--save-compressed does not store model state yet: {config.model} keeps BatchNorm "
-            "statistics (use --save-params)"
-        )
     return config
-
-
-def _has_state(config) -> bool:
-    from subspace_jax.models import state_collections
-
-    return bool(state_collections(config.model))
 
 
 def _save_params(path, trained) -> None:

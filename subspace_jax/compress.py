@@ -20,7 +20,8 @@ configs added:
   digest of the trained parameters, checked on load); version 3 adds ``keys`` (the
   projection and init keys), ``layout``, ``others``, ``dtypes`` and ``theta0_sha256``.
 * ``w``: float32 ``(d,)``; ``said``: float32 ``(m,)`` for SAID; ``direct_<j>``: directly
-  trained leaves, if any.
+  trained leaves, if any; ``other_<j>``: the trained model state (BatchNorm statistics) of a
+  model with state, listed in the header's ``others``.
 * Only when they cannot be regenerated from the key: ``theta0_<j>`` (one per leaf: theta0 came
   from a checkpoint, a ``theta0_fn`` or a burn-in) and ``proj_<g>_<k>`` (the leaves of group g's
   projection state: a lottery subspace, whose P comes from a training trajectory). Such a file
@@ -90,6 +91,7 @@ from subspace_jax._save import (
     SUBSPACE_FIELDS,
     need,
     restored,
+    stored_others,
     stored_states,
     subspace_arrays,
     subspace_fields,
@@ -105,6 +107,7 @@ from subspace_jax.train import (
     load_data,
     make_init_fn,
     run_keys,
+    split_state,
 )
 
 PyTree = Any
@@ -280,7 +283,10 @@ def save_compressed(
         while ``allow_stored`` is False.
     """
     config, seed = _checked_seed(result_or_config, seed_index)
-    sub, trainable, model_config = _seed_state(config, trained, seed_index)
+    sub, train_vars, model_config = _seed_state(config, trained, seed_index)
+    # A model with state (BatchNorm statistics): its trained state is stored as it is.
+    trainable, state = split_state(train_vars)
+    others = dict(state or {})
     regen = _reproducibility(config, model_config, sub, seed)
     if regen["notes"] and not allow_stored:
         raise ValueError(
@@ -289,19 +295,19 @@ def save_compressed(
             + ". Pass allow_stored=True (CLI: the file then stores them) or keep the full "
             "parameters"
         )
-    arrays, dtypes = subspace_arrays(sub, trainable, {}, regen)
+    arrays, dtypes = subspace_arrays(sub, trainable, others, regen)
     bad = non_finite(arrays)
     if bad:
         raise ValueError(
             f"seed {seed} has non-finite values in {', '.join(bad)} (the run diverged): "
             f"{str(path)!r} was not written"
         )
-    params = _to_params(sub, trainable)
+    params = _to_params(sub, trainable, state)
     k_model, k_proj = jax.random.split(run_keys([seed])[0])
     header = {
         "format": FORMAT,
         "version": VERSION,
-        **subspace_fields(sub, k_proj, k_model, {}, regen, arrays, dtypes, params),
+        **subspace_fields(sub, k_proj, k_model, others, regen, arrays, dtypes, params),
         **_model_fields(config, model_config, sub.layout, seed, seed_index),
     }
     if isinstance(result_or_config, Mapping) and "per_seed" in result_or_config:
@@ -491,7 +497,11 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
         proj_states=stored_states(header, arrays, layout, name),
     )
     trainable = trainable_from_arrays(arrays, layout, name)
-    params = _to_params(sub, trainable)
+    state = None
+    if header.get("others"):  # the trained model state (BatchNorm statistics)
+        shapes = jax.eval_shape(from_config(header["model_config"]).init, jax.random.key(0))
+        state = stored_others(header, arrays, shapes, layout, name)
+    params = _to_params(sub, trainable, state)
     info = dict(header)
     info["params_match"] = params_digest(params) == header["params_sha256"]
     info["params_distance"] = 0.0
