@@ -599,8 +599,11 @@ def _dint_text(r: dict | None) -> str:
     if r is None:
         return "not run"
     text = describe_estimate(r)
-    if r.get("ci_low") is not None and r.get("ci_high") is not None:
-        text += f" [{r['ci_low']:,.0f}, {r['ci_high']:,.0f}]"
+    lo, hi = r.get("ci_low"), r.get("ci_high")
+    if lo is not None or hi is not None:  # an open end: beyond the range the search evaluated
+        lo_text = "unbounded" if lo is None else f"{lo:,.0f}"
+        hi_text = "unbounded" if hi is None else f"{hi:,.0f}"
+        text += f" [{lo_text}, {hi_text}]"
     return text
 
 
@@ -610,10 +613,16 @@ def _ratio(pre: dict | None, scratch: dict | None) -> str:
     if not pre or not scratch or pre.get("d_int") is None or scratch.get("d_int") is None:
         return "n/a"
     text = f"{pre['d_int'] / scratch['d_int']:.3f}"
-    ends = (pre.get("ci_low"), pre.get("ci_high"), scratch.get("ci_low"), scratch.get("ci_high"))
-    if all(e is not None and e > 0 for e in ends):
-        text += f" [{ends[0] / ends[3]:.3f}, {ends[1] / ends[2]:.3f}]"
-    return text
+    lo_pre, hi_pre = pre.get("ci_low"), pre.get("ci_high")
+    lo_scratch, hi_scratch = scratch.get("ci_low"), scratch.get("ci_high")
+    if lo_pre is None and hi_pre is None:
+        return text
+    # An unbounded end of either interval leaves that end of the ratio unbounded.
+    low = lo_pre / hi_scratch if lo_pre and hi_scratch else None
+    high = hi_pre / lo_scratch if hi_pre and lo_scratch else None
+    low_text = "unbounded" if low is None else f"{low:.3f}"
+    high_text = "unbounded" if high is None else f"{high:.3f}"
+    return text + f" [{low_text}, {high_text}]"
 
 
 def section_finetune(experiment: str = "finetune_cifar") -> str:
