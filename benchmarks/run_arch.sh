@@ -3,7 +3,8 @@
 # (D = 811,146) on CIFAR-10 shapes, timed with the matrix-free projections (fastfood,
 # orthogonal_hadamard, dense_hash) at d in {1000, 10000, 50000} beside the direct step, the
 # same bench method as run_cpu.sh (a fresh process per cell). Fewer steps than the MLP grid:
-# a ResNet-20 step of batch 128 takes seconds on 2 cores.
+# a ResNet-20 step of batch 128 takes seconds on 2 cores. About 55 minutes there, half of it
+# the ViT's dense_hash at d = 50000, which runs past the 30-minute cell limit (reported skipped).
 # Writes benchmarks/results/cpu_arch.json, then BENCHMARKS.md and the plots (summarize.py).
 set -euo pipefail
 cd "$(dirname "$0")/.."
