@@ -488,7 +488,7 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     """
     header, arrays, has_digest = _read(path)
     name = repr(str(path))
-    layout = _header_layout(header, name)
+    layout, shapes = _header_layout(header, name)
     sub = _regenerate(
         header["model_config"],
         layout,
@@ -499,7 +499,6 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     trainable = trainable_from_arrays(arrays, layout, name)
     state = None
     if header.get("others"):  # the trained model state (BatchNorm statistics)
-        shapes = jax.eval_shape(from_config(header["model_config"]).init, jax.random.key(0))
         state = stored_others(header, arrays, shapes, layout, name)
     params = _to_params(sub, trainable, state)
     info = dict(header)
@@ -513,12 +512,14 @@ def load_compressed(path: str | Path) -> tuple[PyTree, dict]:
     return params, info
 
 
-def _header_layout(header: dict, name: str) -> Layout:
-    """The subspace layout of the header's configs, checked against its projection groups."""
+def _header_layout(header: dict, name: str) -> tuple[Layout, PyTree]:
+    """The subspace layout of the header's configs, checked against its projection groups,
+    and the shapes of the model's variables."""
     try:
         config = train_config_from_dict(header["train_config"])
         model = from_config(header["model_config"])
-        layout = config_layout(config, jax.eval_shape(model.init, jax.random.key(0)))
+        shapes = jax.eval_shape(model.init, jax.random.key(0))
+        layout = config_layout(config, shapes)
     except (KeyError, TypeError, ValueError) as e:
         raise CompressedModelError(
             f"compressed model {name}: its header's configs do not rebuild a model "
@@ -529,7 +530,7 @@ def _header_layout(header: dict, name: str) -> Layout:
             f"compressed model {name}: the subspace layout rebuilt from the configs does not "
             "match the file's projection groups (a file from another version?)"
         )
-    return layout
+    return layout, shapes
 
 
 def _stored_theta0(header: dict, arrays: dict, layout: Layout, name: str) -> PyTree | None:
