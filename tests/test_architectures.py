@@ -24,6 +24,17 @@ from subspace_jax.train import TrainConfig, split_state, train_and_evaluate
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
 TINY_RESNET = {"blocks": 1, "widths": [2, 4, 4]}
+#: Three steps of the tiny ResNet in a Fastfood subspace on digits.
+TINY_RESNET_RUN = TrainConfig(
+    model="resnet20",
+    dataset="digits",
+    dim=40,
+    projection="fastfood",
+    epochs=1,
+    batch_size=16,
+    max_steps=3,
+    model_overrides=TINY_RESNET,
+)
 TINY_VIT = {"patch": 7, "embed_dim": 8, "depth": 1, "heads": 2, "mlp_dim": 8}
 
 
@@ -210,16 +221,7 @@ def _check_state_moved_and_span(config, data, *, check_span=True):
 
 @pytest.mark.slow
 def test_resnet_trains_in_fastfood_subspace_with_batchnorm():
-    config = TrainConfig(
-        model="resnet20",
-        dataset="digits",
-        dim=40,
-        projection="fastfood",
-        epochs=1,
-        batch_size=16,
-        max_steps=3,
-        model_overrides=TINY_RESNET,
-    )
+    config = TINY_RESNET_RUN
     result, sub, inner, state = _check_state_moved_and_span(config, _digits())
     assert result["num_params"] == build_model("resnet20", MNIST, 10, **TINY_RESNET).num_params
     # Evaluation uses the running statistics: the reported accuracy is that of apply(train=False)
@@ -457,16 +459,7 @@ def test_a_compressed_batchnorm_model_keeps_its_trained_statistics(tmp_path):
     trained variables bit for bit and scores the run's test numbers."""
     from subspace_jax.compress import evaluate_compressed, load_compressed, save_compressed
 
-    config = TrainConfig(
-        model="resnet20",
-        dataset="digits",
-        dim=40,
-        projection="fastfood",
-        epochs=1,
-        batch_size=16,
-        max_steps=3,
-        model_overrides=TINY_RESNET,
-    )
+    config = TINY_RESNET_RUN
     data = _digits()
     result, trained = train_and_evaluate(config, data)
     path = tmp_path / "bn.npz"
