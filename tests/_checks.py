@@ -1,8 +1,11 @@
-"""Checks shared by the projection test files (imported by them; collects no tests)."""
+"""Checks and settings shared by test files (imported by them; collects no tests)."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+#: A ResNet-20 with BatchNorm narrowed to one block of 2, 4 and 4 channels a stage: fast.
+TINY_RESNET = {"blocks": 1, "widths": [2, 4, 4]}
 
 
 def check_grad_is_transpose_and_jit_matches_eager(proj, state, w, g):

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _checks import TINY_RESNET
 
 import subspace_jax as sj
 from subspace_jax.data import load_dataset
@@ -23,7 +24,6 @@ from subspace_jax.train import TrainConfig, split_state, train_and_evaluate
 
 CIFAR = (32, 32, 3)
 MNIST = (28, 28, 1)
-TINY_RESNET = {"blocks": 1, "widths": [2, 4, 4]}
 #: Three steps of the tiny ResNet in a Fastfood subspace on digits.
 TINY_RESNET_RUN = TrainConfig(
     model="resnet20",

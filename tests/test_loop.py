@@ -7,18 +7,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _checks import TINY_RESNET
 
 from subspace_jax._subspace import init_trainable
 from subspace_jax.data import iterate_batches, num_batches, shuffle_order
+from subspace_jax.models import build_model
 from subspace_jax.train import (
     TrainConfig,
     _epochs,
+    _loop,
     compile_steps,
     config_layout,
     init_divergence,
     init_runs,
     load_data,
+    loops_on_host,
     make_optimizer,
+    over_seeds,
     resolve_lr,
     run_keys,
     train_and_evaluate,
@@ -148,3 +153,109 @@ def test_shuffle_order_is_the_order_of_iterate_batches():
     assert not np.array_equal(
         shuffle_order(50, seed=7, epoch=0), shuffle_order(50, seed=7, epoch=1)
     )
+
+
+def _trained_with(config, data, monkeypatch, host: bool):
+    """``train_and_evaluate`` with the chunk stepped from the host or scanned."""
+    calls = []
+
+    def decide(setup):
+        calls.append(host)
+        return host
+
+    monkeypatch.setattr(_loop, "_loops_on_host", decide)
+    out = train_and_evaluate(config, data)
+    assert calls, "the loop did not ask where to step"
+    return out
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        dict(model="lenet_small", dim=60, projection="fastfood", augment=True),
+        # Three steps: this 2-channel BatchNorm net amplifies rounding differences ~10x a step,
+        # so that even two float32 orders of the same sums part by 1e-3 after five steps.
+        dict(
+            model="resnet20", model_overrides=TINY_RESNET, dim=40, projection="dense", max_steps=3
+        ),
+        dict(model="lenet_small", dim=0, host_batches=True),
+    ],
+    ids=["lenet-fastfood-augment", "batchnorm-state", "direct-host-fed"],
+)
+def test_host_stepped_chunks_give_the_scanned_chunks_numbers(data, monkeypatch, kind):
+    kind = dict(kind)
+    if kind.pop("host_batches", False):
+        monkeypatch.setattr(_epochs, "DEVICE_DATA_FRACTION", 0.0)  # batches fed from the host
+    # 40 steps: one chunk of 32 in epoch 1, then a padded one (8 valid) in the same epoch.
+    kind.setdefault("max_steps", 40)
+    config = dataclasses.replace(BASE, epochs=1, seeds=(0, 1, 2), **kind)
+    scanned_result, scanned = _trained_with(config, data, monkeypatch, host=False)
+    host_result, host = _trained_with(config, data, monkeypatch, host=True)
+    # The same steps on the same batches. The seeds are unrolled instead of vmapped and the
+    # step is fused at the top level instead of in a loop body, so XLA rounds differently,
+    # and 40 steps amplify that to ~5e-5; one step more or less moves weights by ~1e-3.
+    for got, want in zip(
+        jax.tree_util.tree_leaves(jax.device_get(host.trainables)),
+        jax.tree_util.tree_leaves(jax.device_get(scanned.trainables)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-4)
+    assert host_result["steps"] == scanned_result["steps"] == config.max_steps
+    for key in ("per_seed_train_loss", "per_seed_val_loss"):
+        np.testing.assert_allclose(
+            host_result["history"][0][key], scanned_result["history"][0][key], rtol=1e-4
+        )
+    for got, want in zip(host_result["per_seed"], scanned_result["per_seed"], strict=True):
+        assert got["test_loss"] == pytest.approx(want["test_loss"], rel=1e-4)
+    assert np.isfinite(host_result["step_time_ms"]) and host_result["step_time_ms"] > 0
+
+
+def test_host_chunk_stops_diverging_seeds_like_the_scan(data, monkeypatch):
+    # SGD at a learning rate that overflows (at step 3 on this CPU): both loops record the
+    # same first bad step and stop there.
+    config = dataclasses.replace(
+        BASE,
+        model="lenet_small",
+        epochs=1,
+        max_steps=20,
+        seeds=(0, 1),
+        dim=0,
+        optimizer="sgd",
+        lr=1e4,
+        on_divergence="stop",
+    )
+    results = [_trained_with(config, data, monkeypatch, host)[0] for host in (False, True)]
+    assert results[0]["diverged_seeds"] == results[1]["diverged_seeds"] != []
+    assert [s["diverged_step"] for s in results[0]["per_seed"]] == [
+        s["diverged_step"] for s in results[1]["per_seed"]
+    ]
+
+
+def test_loops_on_host_only_for_convolutions_on_the_cpu(monkeypatch):
+    x = jax.ShapeDtypeStruct((4, 28, 28, 1), jnp.float32)
+    for name, conv in (("lenet_small", True), ("mlp_small", False), ("resnet20", True)):
+        model = build_model(name, (28, 28, 1), 10)
+        variables = jax.eval_shape(model.init, jax.random.key(0))
+        assert loops_on_host(model.apply, variables, x) is conv, name
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert loops_on_host(model.apply, variables, x) is False
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_over_seeds_unrolled_is_vmap(jit):
+    def fn(a, tree, shared):
+        return {"s": jnp.sum(a * shared), "t": tree[0] @ tree[1] + shared[:2]}, a.mean()
+
+    rng = np.random.default_rng(0)
+    args = (
+        jnp.asarray(rng.normal(size=(3, 5))),
+        (jnp.asarray(rng.normal(size=(3, 2, 4))), jnp.asarray(rng.normal(size=(3, 4, 2)))),
+        jnp.asarray(rng.normal(size=(5,))),
+    )
+    in_axes = (0, 0, None)
+    want = jax.vmap(fn, in_axes=in_axes)(*args)
+    unrolled = over_seeds(fn, in_axes, unroll=True)
+    got = (jax.jit(unrolled) if jit else unrolled)(*args)
+    assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
+    for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
+        np.testing.assert_allclose(g, w, rtol=1e-6)

@@ -32,6 +32,7 @@ from subspace_jax.train._preflight import check_config
 from subspace_jax.train._resume import CheckpointOptions, remove_checkpoints
 from subspace_jax.train._step import (
     Divergence,
+    HostChunk,
     TrainVars,
     all_finite,
     compile_chunk,
@@ -40,9 +41,11 @@ from subspace_jax.train._step import (
     guard_finite,
     init_divergence,
     init_train_vars,
+    loops_on_host,
     make_eval_step,
     make_loss_fn,
     make_train_step,
+    over_seeds,
     split_state,
 )
 from subspace_jax.train._tasks import first_seed_variables
@@ -75,6 +78,9 @@ __all__ = [
     "first_seed_variables",
     "direct_phase",
     "guard_finite",
+    "HostChunk",
+    "loops_on_host",
+    "over_seeds",
     "init_divergence",
     "init_runs",
     "init_train_vars",

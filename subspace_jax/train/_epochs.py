@@ -30,6 +30,7 @@ import numpy as np
 
 from subspace_jax import sharding
 from subspace_jax.data import Dataset, num_batches, shuffle_order
+from subspace_jax.train._step import HostChunk
 
 Progress = Callable[[dict], None]
 
@@ -206,6 +207,8 @@ def compile_loop_chunk(chunk_fn, subs, state: LoopState, placed: Placed, data: D
             jax.ShapeDtypeStruct((L,), jnp.bool_),
         )
     args = (subs, state.trainables, state.opt_states, state.divs, placed.train, xs)
+    if isinstance(chunk_fn, HostChunk):
+        return chunk_fn.compile(*args)
     return chunk_fn.lower(*args).compile()
 
 

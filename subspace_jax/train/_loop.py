@@ -76,7 +76,9 @@ from subspace_jax.train._step import (
     compile_chunk,
     init_divergence,
     init_train_vars,
+    loops_on_host,
     make_eval_step,
+    over_seeds,
     split_state,
 )
 from subspace_jax.train._tasks import (
@@ -651,6 +653,15 @@ class _Runs(NamedTuple):
     trainables: Any
 
 
+def _loops_on_host(setup: Setup) -> bool:
+    """:func:`~subspace_jax.train.loops_on_host` for the run's model and one batch."""
+    x = setup.data.x_train
+    batch = jax.ShapeDtypeStruct((setup.config.batch_size, *x.shape[1:]), x.dtype)
+    return loops_on_host(
+        setup.model.apply, jax.eval_shape(setup.model.init, jax.random.key(0)), batch
+    )
+
+
 def _train_seeds(
     setup: Setup,
     seeds: tuple[int, ...],
@@ -674,13 +685,16 @@ def _train_seeds(
         state = _resume_from(saver, state, setup.total_steps, seeds, progress)
     subs, state, placed = _place_on_mesh(mesh, subs, state, setup)
     setup_s = time.perf_counter() - t_init
+    host = mesh is None and _loops_on_host(setup)
     chunk_fn = compile_chunk(
         setup.model.apply,
         optimizer,
         config.l2,
         gather=placed.on_device,
         augment=_augmenter(config),
+        host_loop=host,
     )
+    eval_fn = over_seeds(make_eval_step(setup.model.apply), (0, 0, None, None), unroll=host)
     loop = Loop(
         # On a mesh the chunk stays jitted (compiled at its first call for the placements).
         chunk=chunk_fn
@@ -688,7 +702,7 @@ def _train_seeds(
         else compile_loop_chunk(
             chunk_fn, subs, state, placed, setup.data, setup.chunk_len, config.batch_size
         ),
-        eval_step=jax.jit(jax.vmap(make_eval_step(setup.model.apply), in_axes=(0, 0, None, None))),
+        eval_step=jax.jit(eval_fn),
         subs=subs,
         placed=placed,
         data=setup.data,

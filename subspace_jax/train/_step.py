@@ -26,6 +26,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from subspace_jax._subspace import Subspace, Trainable, all_finite, init_trainable, to_params
@@ -256,6 +257,51 @@ def compile_steps(
     return jax.jit(train, donate_argnums=donate), jax.jit(evaluate)
 
 
+def over_seeds(fn, in_axes: tuple, unroll: bool = False):
+    """``fn`` mapped over the leading (seed) axis of the arguments whose ``in_axes`` is 0.
+
+    ``jax.vmap(fn, in_axes)``, or with ``unroll=True`` the same function traced once per seed
+    and stacked: one program with ``N`` copies of ``fn``. Unrolling is what XLA:CPU needs for
+    convolutions: a vmapped convolution's kernel gains a batch axis and becomes a grouped
+    convolution, which XLA:CPU runs about 4x slower than the ``N`` plain ones (ResNet-20,
+    three seeds, batch 32: 2.5 s against 0.56 s a step on this project's CPU).
+    """
+    if not unroll:
+        return jax.vmap(fn, in_axes=in_axes)
+
+    def mapped(*args):
+        seeded = [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
+        n = jax.tree_util.tree_leaves(seeded)[0].shape[0]
+
+        def one(i):
+            picked = [
+                jax.tree_util.tree_map(lambda leaf: leaf[i], a) if axis == 0 else a
+                for a, axis in zip(args, in_axes, strict=True)
+            ]
+            return fn(*picked)
+
+        outs = [one(i) for i in range(n)]
+        return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outs)
+
+    return mapped
+
+
+def loops_on_host(apply_fn: ApplyFn, variables: PyTree, x: jax.ShapeDtypeStruct) -> bool:
+    """Whether the training chunk should step from the host: on XLA:CPU, for a model with
+    convolutions.
+
+    XLA:CPU runs a convolution inside a ``while`` or ``cond`` body (the chunk's ``lax.scan``,
+    its skip ``lax.cond``) about 17x slower than at the top level of a program
+    (jax-ml/jax#12868; ResNet-20, one seed, batch 32: 3.7 s against 0.21 s a step on this
+    project's CPU). Dense layers do not suffer, and there the scan saves the per-step
+    dispatch. ``variables`` one seed's (arrays or ``jax.ShapeDtypeStruct``), ``x`` one batch.
+    """
+    if jax.default_backend() != "cpu":
+        return False
+    jaxpr = jax.make_jaxpr(lambda v, xb: apply_fn(v, xb))(variables, x)
+    return "conv_general_dilated" in str(jaxpr)
+
+
 def compile_chunk(
     apply_fn: ApplyFn,
     optimizer: optax.GradientTransformation,
@@ -263,6 +309,7 @@ def compile_chunk(
     *,
     gather: bool = True,
     augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+    host_loop: bool = False,
 ):
     """A chunk of guarded, seed-vmapped training steps as one jitted ``lax.scan``.
 
@@ -289,13 +336,34 @@ def compile_chunk(
     0-based number of the step in the run (int32; the divergence records count the steps
     attempted, the same for every seed), so a resumed run augments as an uninterrupted one.
 
+    With ``host_loop=True`` (:func:`loops_on_host`) the chunk is a :class:`HostChunk` with the
+    same signature and results (the scanned inputs then host arrays): the host calls one
+    jitted step per valid step, with the seeds unrolled (:func:`over_seeds`), so no
+    convolution runs inside a loop or a branch on XLA:CPU.
+
     Returns:
       ``(trainables, opt_states, divs, losses (L, N), accuracies (L, N))``; the rows of skipped
       steps are zeros. The trainable, optimiser and divergence states are donated.
     """
-    step = jax.vmap(
-        guard_finite(make_train_step(apply_fn, optimizer, l2)), in_axes=(0, 0, 0, 0, None, None)
+    step = over_seeds(
+        guard_finite(make_train_step(apply_fn, optimizer, l2)),
+        in_axes=(0, 0, 0, 0, None, None),
+        unroll=host_loop,
     )
+    if host_loop:
+
+        def one_step(subs, trainables, opt_states, divs, data, *inputs):
+            if gather:
+                (rows,) = inputs
+                x, y = data
+                xb, yb = x[rows], y[rows]
+            else:
+                xb, yb = inputs
+            if augment is not None:
+                xb = augment(divs.steps[0], xb)
+            return step(subs, trainables, opt_states, divs, xb, yb)
+
+        return HostChunk(jax.jit(one_step, donate_argnums=(1, 2, 3)), gather)
 
     def chunk(subs, trainables, opt_states, divs, data, xs):
         def body(carry, inputs):
@@ -321,3 +389,37 @@ def compile_chunk(
         return (*carry, losses, accs)
 
     return jax.jit(chunk, donate_argnums=(1, 2, 3))
+
+
+class HostChunk:
+    """:func:`compile_chunk`'s chunk stepped from the host: ``chunk(subs, trainables,
+    opt_states, divs, data, xs)`` calls the jitted one-step program once per valid step of
+    ``xs`` (``(rows, valid)`` or ``(xb, yb, valid)``, host arrays, the valid steps first) and
+    returns what the scanned chunk returns, the rows of skipped steps zeros.
+    """
+
+    def __init__(self, step, gather: bool):
+        self.step = step
+        self.gather = gather
+
+    def compile(self, subs, trainables, opt_states, divs, data, xs) -> HostChunk:
+        """This chunk with its step compiled ahead of time for one step of the shapes of
+        ``xs`` (``jax.ShapeDtypeStruct`` chunk inputs, as :meth:`jax.jit`'s ``lower`` takes)."""
+        per_step = [jax.ShapeDtypeStruct(a.shape[1:], a.dtype) for a in xs[:-1]]
+        compiled = self.step.lower(subs, trainables, opt_states, divs, data, *per_step).compile()
+        return HostChunk(compiled, self.gather)
+
+    def __call__(self, subs, trainables, opt_states, divs, data, xs):
+        *inputs, valid = xs
+        losses, accs = [], []
+        for i in range(int(np.sum(valid))):
+            trainables, opt_states, divs, loss, acc = self.step(
+                subs, trainables, opt_states, divs, data, *(a[i] for a in inputs)
+            )
+            losses.append(loss)
+            accs.append(acc)
+        pad = len(valid) - len(losses)
+        n = divs.at.shape[0]
+        losses = jnp.concatenate([jnp.stack(losses), jnp.zeros((pad, n), jnp.float32)])
+        accs = jnp.concatenate([jnp.stack(accs), jnp.zeros((pad, n), jnp.float32)])
+        return trainables, opt_states, divs, losses, accs
