@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from _checks import TINY_RESNET
+from jax.experimental import sparse
 
 from subspace_jax._subspace import init_trainable
 from subspace_jax.data import iterate_batches, num_batches, shuffle_order
@@ -244,12 +245,18 @@ def test_loops_on_host_only_for_convolutions_on_the_cpu(monkeypatch):
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
 def test_over_seeds_unrolled_is_vmap(jit):
     def fn(a, tree, shared):
-        return {"s": jnp.sum(a * shared), "t": tree[0] @ tree[1] + shared[:2]}, a.mean()
+        t = tree[0] @ tree[1] + shared[:2] + tree[2] @ shared[:2]
+        return {"s": jnp.sum(a * shared), "t": t}, a.mean()
 
     rng = np.random.default_rng(0)
+    sparse_p = rng.normal(size=(3, 2, 2)) * (rng.random((3, 2, 2)) < 0.5)
     args = (
         jnp.asarray(rng.normal(size=(3, 5))),
-        (jnp.asarray(rng.normal(size=(3, 2, 4))), jnp.asarray(rng.normal(size=(3, 4, 2)))),
+        (
+            jnp.asarray(rng.normal(size=(3, 2, 4))),
+            jnp.asarray(rng.normal(size=(3, 4, 2))),
+            sparse.BCOO.fromdense(jnp.asarray(sparse_p), n_batch=1),  # as a sparse projection
+        ),
         jnp.asarray(rng.normal(size=(5,))),
     )
     in_axes = (0, 0, None)

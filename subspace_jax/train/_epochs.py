@@ -9,6 +9,12 @@ device once and each step's batch is gathered there from the epoch's index permu
 otherwise the chunk's batches are gathered on the host (the next chunk's while the device runs
 the current one) and sent as one array.
 
+On XLA:CPU a model with convolutions is stepped from the host instead
+(:func:`~subspace_jax.train.loops_on_host`, :class:`~subspace_jax.train.HostChunk`): a chunk is
+then one jitted call a step, with the seeds unrolled, because XLA:CPU runs convolutions inside
+a loop or branch about 17x slower and seed-vmapped ones about 4x slower. Results, progress and
+checkpoints are the same; only the rounding of fused sums may differ.
+
 The data order is :func:`~subspace_jax.data.iterate_batches`' for every placement: batch ``b``
 of epoch ``e`` is ``shuffle_order(N, seed=data_seed, epoch=e)[b * B : (b + 1) * B]``, so a run
 gives the per-step loop's numbers.

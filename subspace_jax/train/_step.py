@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.experimental import sparse
 
 from subspace_jax._subspace import Subspace, Trainable, all_finite, init_trainable, to_params
 
@@ -274,8 +275,11 @@ def over_seeds(fn, in_axes: tuple, unroll: bool = False):
         n = jax.tree_util.tree_leaves(seeded)[0].shape[0]
 
         def one(i):
+            # A BCOO projection is indexed whole: its batch axis is part of its static shape.
             picked = [
-                jax.tree_util.tree_map(lambda leaf: leaf[i], a) if axis == 0 else a
+                jax.tree_util.tree_map(lambda leaf: leaf[i], a, is_leaf=_is_sparse)
+                if axis == 0
+                else a
                 for a, axis in zip(args, in_axes, strict=True)
             ]
             return fn(*picked)
@@ -284,6 +288,10 @@ def over_seeds(fn, in_axes: tuple, unroll: bool = False):
         return jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *outs)
 
     return mapped
+
+
+def _is_sparse(x) -> bool:
+    return isinstance(x, sparse.JAXSparse)
 
 
 def loops_on_host(apply_fn: ApplyFn, variables: PyTree, x: jax.ShapeDtypeStruct) -> bool:
