@@ -17,6 +17,7 @@ from subspace_jax.train import (
     TrainConfig,
     _epochs,
     _loop,
+    _step,
     compile_steps,
     config_layout,
     init_divergence,
@@ -266,3 +267,20 @@ def test_over_seeds_unrolled_is_vmap(jit):
     assert jax.tree_util.tree_structure(got) == jax.tree_util.tree_structure(want)
     for g, w in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True):
         np.testing.assert_allclose(g, w, rtol=1e-6)
+
+
+def test_over_seeds_unrolls_convolutions_into_plain_ones_up_to_the_cap():
+    def conv(kernel, x):
+        return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME")
+
+    def groups(n):
+        # Both operands per seed, as every layer after the first: vmap groups the convolution.
+        kernels, x = jnp.ones((n, 4, 3, 3, 3)), jnp.ones((n, 2, 3, 8, 8))
+        jaxpr = jax.make_jaxpr(over_seeds(conv, (0, 0), unroll=True))(kernels, x)
+        eqns = [e for e in jaxpr.jaxpr.eqns if e.primitive.name == "conv_general_dilated"]
+        return [e.params["feature_group_count"] for e in eqns]
+
+    cap = _step.MAX_UNROLLED_SEEDS
+    assert groups(3) == [1, 1, 1]  # three plain convolutions, no grouped one
+    assert groups(cap) == [1] * cap
+    assert groups(cap + 1) == [cap + 1]  # beyond the cap: vmap's one grouped convolution

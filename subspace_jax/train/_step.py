@@ -258,6 +258,10 @@ def compile_steps(
     return jax.jit(train, donate_argnums=donate), jax.jit(evaluate)
 
 
+#: :func:`over_seeds` unrolls at most this many seeds (beyond, compiling N copies costs more).
+MAX_UNROLLED_SEEDS = 8
+
+
 def over_seeds(fn, in_axes: tuple, unroll: bool = False):
     """``fn`` mapped over the leading (seed) axis of the arguments whose ``in_axes`` is 0.
 
@@ -265,14 +269,18 @@ def over_seeds(fn, in_axes: tuple, unroll: bool = False):
     and stacked: one program with ``N`` copies of ``fn``. Unrolling is what XLA:CPU needs for
     convolutions: a vmapped convolution's kernel gains a batch axis and becomes a grouped
     convolution, which XLA:CPU runs about 4x slower than the ``N`` plain ones (ResNet-20,
-    three seeds, batch 32: 2.5 s against 0.56 s a step on this project's CPU).
+    three seeds, batch 32: 2.5 s against 0.56 s a step on this project's CPU). Compilation
+    grows with ``N``, so above ``MAX_UNROLLED_SEEDS`` seeds it vmaps all the same.
     """
+    vmapped = jax.vmap(fn, in_axes=in_axes)
     if not unroll:
-        return jax.vmap(fn, in_axes=in_axes)
+        return vmapped
 
     def mapped(*args):
         seeded = [a for a, axis in zip(args, in_axes, strict=True) if axis == 0]
         n = jax.tree_util.tree_leaves(seeded)[0].shape[0]
+        if n > MAX_UNROLLED_SEEDS:
+            return vmapped(*args)
 
         def one(i):
             # A BCOO projection is indexed whole: its batch axis is part of its static shape.
