@@ -15,6 +15,7 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import re
@@ -595,12 +596,56 @@ def _read_id(experiment: str, run: str) -> dict | None:
     return results.read_json(path) if path.exists() else None
 
 
+def unfinished_search(runs: list[dict], fraction: float = 0.9) -> dict | None:
+    """What the finished runs of an ``id`` search stopped before its ``id.json`` say.
+
+    ``runs``: the lines of its ``runs.jsonl``. Only the dims every seed finished count. Returns
+    None without a complete baseline (d = 0), else ``{"baseline", "target", "dims": {d: mean
+    val accuracy}, "reached": [d whose mean reaches the target], "runs"}``.
+    """
+    seeds = sorted({r["seed"] for r in runs})
+    by_dim: dict[int, dict[int, float]] = {}
+    for r in runs:
+        by_dim.setdefault(int(r["dim"]), {})[r["seed"]] = r["val_accuracy"]
+    means = {d: float(np.mean(list(v.values()))) for d, v in by_dim.items() if len(v) == len(seeds)}
+    if 0 not in means:
+        return None
+    baseline = means.pop(0)
+    target = fraction * baseline
+    return {
+        "baseline": baseline,
+        "target": target,
+        "dims": dict(sorted(means.items())),
+        "reached": sorted(d for d, m in means.items() if m >= target),
+        "runs": len(runs),
+    }
+
+
+def _read_unfinished(experiment: str, run: str) -> dict | None:
+    path = RESULTS / experiment / run / "runs.jsonl"
+    if not path.exists():
+        return None
+    with open(path) as f:
+        return unfinished_search([json.loads(line) for line in f if line.strip()])
+
+
+def _unfinished_text(u: dict) -> str:
+    if u["reached"]:
+        return f"search unfinished; target first reached at d = {u['reached'][0]:,}"
+    top = max(u["dims"])
+    best = max(u["dims"].values())
+    return (
+        f"search unfinished: > {top:,} (target {u['target']:.3f} not reached by any d tried; "
+        f"best mean {best:.3f})"
+    )
+
+
 def _dint_text(r: dict | None) -> str:
     if r is None:
         return "not run"
     text = describe_estimate(r)
     lo, hi = r.get("ci_low"), r.get("ci_high")
-    if lo is not None or hi is not None:  # an open end: beyond the range the search evaluated
+    if "ci_low" in r:  # an open end: beyond the range the search evaluated
         lo_text = "unbounded" if lo is None else f"{lo:,.0f}"
         hi_text = "unbounded" if hi is None else f"{hi:,.0f}"
         text += f" [{lo_text}, {hi_text}]"
@@ -634,11 +679,14 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
             models.append(entry["name"][: -len("_id_scratch")])
     rows, points = [], {}
     for model in models:
-        scratch = _read_id(experiment, f"{model}_id_scratch")
+        names = {"random": f"{model}_id_scratch"}
+        names.update({label: f"{model}_id_pre_{label}" for label in ("short", "long")})
+        scratch = _read_id(experiment, names["random"])
+        scratch_open = None if scratch else _read_unfinished(experiment, names["random"])
         arms = [("random", None, scratch)]
         for label in ("short", "long"):
             pre = read_train(experiment, f"{model}_pre_{label}")
-            arms.append((label, pre, _read_id(experiment, f"{model}_id_pre_{label}")))
+            arms.append((label, pre, _read_id(experiment, names[label])))
         for label, pre, r in arms:
             epochs = (
                 "0" if label == "random" else (str(pre["config"]["epochs"]) if pre else "not run")
@@ -646,6 +694,17 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
             pre_acc = fmt(pre["val_accuracy"]) if pre else ("" if label == "random" else "n/a")
             baseline = fmt(r["baseline"]["value"]) if r else "n/a"
             runs = r["num_training_runs"]["total"] if r else ""
+            d_text = _dint_text(r)
+            unfinished = None if r else _read_unfinished(experiment, names[label])
+            if unfinished is not None:  # stopped before its id.json: what its runs show
+                baseline, d_text, runs = (
+                    fmt(unfinished["baseline"]),
+                    _unfinished_text(unfinished),
+                    unfinished["runs"],
+                )
+            ratio = "1" if label == "random" else _ratio(r, scratch)
+            if r and r.get("d_int") and scratch_open and not scratch_open["reached"]:
+                ratio = f"< {r['d_int'] / max(scratch_open['dims']):.3f}"
             rows.append(
                 [
                     model,
@@ -653,8 +712,8 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
                     epochs,
                     pre_acc,
                     baseline,
-                    _dint_text(r),
-                    "1" if label == "random" else _ratio(r, scratch),
+                    d_text,
+                    ratio,
                     runs,
                 ]
             )

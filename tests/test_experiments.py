@@ -112,3 +112,26 @@ def test_summarize_replaces_only_between_markers():
         "<!-- BEGIN generated:b -->\ny\n<!-- END generated:b -->\n"
     )
     assert missing == ["c"]
+
+
+def test_summarize_reads_an_unfinished_id_search_from_its_runs():
+    sys.path.insert(0, str(ROOT / "experiments"))
+    spec = importlib.util.spec_from_file_location(
+        "experiments_summarize", ROOT / "experiments" / "summarize.py"
+    )
+    summarize = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize)
+    runs = [
+        {"dim": d, "seed": s, "val_accuracy": acc}
+        for d, accs in ((0, (0.7, 0.8)), (128, (0.5, 0.6)), (512, (0.7, 0.74)))
+        for s, acc in enumerate(accs)
+    ]
+    runs.append({"dim": 1024, "seed": 0, "val_accuracy": 0.9})  # seed 1 still training
+    got = summarize.unfinished_search(runs)
+    assert got["baseline"] == pytest.approx(0.75) and got["target"] == pytest.approx(0.675)
+    assert got["dims"] == {128: pytest.approx(0.55), 512: pytest.approx(0.72)}
+    assert got["reached"] == [512] and got["runs"] == 7
+    assert "first reached at d = 512" in summarize._unfinished_text(got)
+    missed = summarize.unfinished_search(runs[:4])
+    assert missed["reached"] == [] and "> 128" in summarize._unfinished_text(missed)
+    assert summarize.unfinished_search(runs[2:]) is None  # no complete baseline
