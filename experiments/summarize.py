@@ -612,11 +612,15 @@ def unfinished_search(runs: list[dict], fraction: float = 0.9) -> dict | None:
         return None
     baseline = means.pop(0)
     target = fraction * baseline
+    reached = sorted(d for d, m in means.items() if m >= target)
+    below = [d for d, m in means.items() if m < target and reached and d < reached[0]]
     return {
         "baseline": baseline,
         "target": target,
         "dims": dict(sorted(means.items())),
-        "reached": sorted(d for d, m in means.items() if m >= target),
+        "reached": reached,
+        # d_int90 lies in (lo, hi]: the largest d missing below the first d reaching
+        "bracket": (max(below) if below else None, reached[0]) if reached else None,
         "runs": len(runs),
     }
 
@@ -631,7 +635,10 @@ def _read_unfinished(experiment: str, run: str) -> dict | None:
 
 def _unfinished_text(u: dict) -> str:
     if u["reached"]:
-        return f"search unfinished; target first reached at d = {u['reached'][0]:,}"
+        lo, hi = u["bracket"]
+        if lo is None:
+            return f"search unfinished: <= {hi:,} (every d tried reaches the target)"
+        return f"search unfinished: between {lo:,} and {hi:,} (missed at {lo:,}, reached at {hi:,})"
     top = max(u["dims"])
     best = max(u["dims"].values())
     return (
@@ -703,8 +710,12 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
                     unfinished["runs"],
                 )
             ratio = "1" if label == "random" else _ratio(r, scratch)
-            if r and r.get("d_int") and scratch_open and not scratch_open["reached"]:
-                ratio = f"< {r['d_int'] / max(scratch_open['dims']):.3f}"
+            if r and r.get("d_int") and scratch_open:  # against the unfinished scratch search
+                if not scratch_open["reached"]:
+                    ratio = f"< {r['d_int'] / max(scratch_open['dims']):.3f}"
+                elif scratch_open["bracket"][0] is not None:
+                    lo, hi = scratch_open["bracket"]
+                    ratio = f"{r['d_int'] / hi:.3f} to {r['d_int'] / lo:.3f}"
             rows.append(
                 [
                     model,

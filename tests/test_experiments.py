@@ -130,8 +130,8 @@ def test_summarize_reads_an_unfinished_id_search_from_its_runs():
     got = summarize.unfinished_search(runs)
     assert got["baseline"] == pytest.approx(0.75) and got["target"] == pytest.approx(0.675)
     assert got["dims"] == {128: pytest.approx(0.55), 512: pytest.approx(0.72)}
-    assert got["reached"] == [512] and got["runs"] == 7
-    assert "first reached at d = 512" in summarize._unfinished_text(got)
+    assert got["reached"] == [512] and got["runs"] == 7 and got["bracket"] == (128, 512)
+    assert "between 128 and 512" in summarize._unfinished_text(got)
     missed = summarize.unfinished_search(runs[:4])
     assert missed["reached"] == [] and "> 128" in summarize._unfinished_text(missed)
     assert summarize.unfinished_search(runs[2:]) is None  # no complete baseline
