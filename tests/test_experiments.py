@@ -95,13 +95,19 @@ def test_dry_run_prints_invocations(capsys, monkeypatch):
     assert "subspace-jax train --model mlp" in err and "--json results/done_criteria/" in err
 
 
-def test_summarize_replaces_only_between_markers():
+def _load_summarize():
+    """experiments/summarize.py as a module (it imports experiments/run.py as ``run``)."""
     sys.path.insert(0, str(ROOT / "experiments"))
     spec = importlib.util.spec_from_file_location(
         "experiments_summarize", ROOT / "experiments" / "summarize.py"
     )
     summarize = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize)
+    return summarize
+
+
+def test_summarize_replaces_only_between_markers():
+    summarize = _load_summarize()
     text = (
         "prose 1\n<!-- BEGIN generated:a -->\nold\n<!-- END generated:a -->\nprose 2\n"
         "<!-- BEGIN generated:b -->\n<!-- END generated:b -->\n"
@@ -115,12 +121,7 @@ def test_summarize_replaces_only_between_markers():
 
 
 def test_summarize_reads_an_unfinished_id_search_from_its_runs():
-    sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_summarize", ROOT / "experiments" / "summarize.py"
-    )
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
+    summarize = _load_summarize()
     runs = [
         {"dim": d, "seed": s, "val_accuracy": acc}
         for d, accs in ((0, (0.7, 0.8)), (128, (0.5, 0.6)), (512, (0.7, 0.74)))
