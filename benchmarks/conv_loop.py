@@ -11,7 +11,9 @@ run's wall time.
 Usage (from the repository root):
   python benchmarks/conv_loop.py --mnist ../shared/data/mnist \
       --cifar ../shared/data/cifar10/cifar-10-batches-bin
-Writes ``results/conv_loop.json`` (or ``--out``).
+Writes ``results/conv_loop.json`` (or ``--out``) and a bar chart beside it (``.png``). With
+``--out benchmarks/results/conv_loop.json``, ``benchmarks/summarize.py`` puts it in
+BENCHMARKS.md. About 35 minutes on a 2-core machine, most of it the scanned ResNet-20 runs.
 """
 
 from __future__ import annotations
@@ -63,6 +65,32 @@ def run(config: TrainConfig, data, host: bool) -> dict:
     }
 
 
+def plot(cases_out: dict, path: Path) -> None:
+    """Median step time of the two loops for each case, on a log axis, with the ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(cases_out)
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for i, loop in enumerate(("scan", "host")):
+        ms = [cases_out[n]["median_step_ms"][loop] for n in names]
+        xs = [j + (i - 0.5) * 0.38 for j in range(len(names))]
+        ax.bar(xs, ms, width=0.38, label=f"{loop} loop")
+    for j, n in enumerate(names):
+        top = max(cases_out[n]["median_step_ms"].values())
+        ax.text(j, top * 1.15, f"{cases_out[n]['speedup']:.1f}x", ha="center")
+    ax.set_xticks(range(len(names)), names)
+    ax.set_yscale("log")
+    ax.set_ylim(top=3 * max(max(c["median_step_ms"].values()) for c in cases_out.values()))
+    ax.set_ylabel("ms a step (3 seeds, median)")
+    ax.set_title("conv models on XLA:CPU: scanned vs host-stepped loop", fontsize=9)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--mnist", default="../shared/data/mnist")
@@ -97,7 +125,9 @@ def main(argv=None) -> int:
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1, default=str))
-    print(f"wrote {args.out}")
+    png = Path(args.out).with_suffix(".png")
+    plot(out["cases"], png)
+    print(f"wrote {args.out} and {png}")
     return 0
 
 

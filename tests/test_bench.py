@@ -194,3 +194,46 @@ def test_cli_rejects_bad_input(capsys):
     assert "error:" in capsys.readouterr().err
     assert cli.main(["bench", "--dims", "4", "--projections", "nope"]) == 2
     assert "unknown projection" in capsys.readouterr().err
+
+
+def _load_script(name):
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_conv_loop_record_becomes_a_benchmarks_section_and_a_plot(tmp_path):
+    """benchmarks/conv_loop.py's record, through its plot and summarize.py's section: every
+    figure in the table is the record's (medians, the ratio, the mean wall time and accuracy)."""
+    conv_loop, summarize = _load_script("conv_loop"), _load_script("summarize")
+    config = {"max_steps": 16, "batch_size": 32}
+    records = [
+        {"loop": "scan", "step_time_ms": 12000.0, "wall_time_s": 600.0, "test_accuracy": 0.12},
+        {"loop": "host", "step_time_ms": 600.0, "wall_time_s": 100.0, "test_accuracy": 0.11},
+        {"loop": "host", "step_time_ms": 700.0, "wall_time_s": 140.0, "test_accuracy": 0.11},
+        {"loop": "scan", "step_time_ms": 13000.0, "wall_time_s": 700.0, "test_accuracy": 0.12},
+    ]
+    cases = {
+        "resnet20_cifar10": {
+            "config": config,
+            "records": records,
+            "median_step_ms": {"scan": 12500.0, "host": 650.0},
+            "speedup": 12500.0 / 650.0,
+        }
+    }
+    path = tmp_path / "conv_loop.json"
+    path.write_text(json.dumps({"host": "x86_64", "cpus": 2, "cases": cases}))
+    conv_loop.plot(cases, path.with_suffix(".png"))
+    assert path.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    lines = summarize._conv_loop(path, tmp_path / "BENCHMARKS.md")
+    row = next(line for line in lines if line.startswith("| resnet20_cifar10"))
+    assert (
+        row
+        == "| resnet20_cifar10 | 16 x 32 | 12,500.0 | 650.0 | 19.2x | 650 / 120 | 0.1200 / 0.1100 |"
+    )
+    assert "![conv loop](conv_loop.png)" in lines
+    assert summarize._conv_loop(tmp_path / "absent.json", tmp_path / "B.md") == []
