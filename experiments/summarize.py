@@ -779,7 +779,7 @@ def section_resnet(experiment: str = "resnet20_cifar") -> str:
     """ResNet-20 on CIFAR-10: direct baseline, then val accuracy vs d per subspace kind."""
     config = runner.load_config(experiment)
     direct = read_train(experiment, "direct")
-    rows = []
+    rows, said = [], []
     for entry in config["runs"]:
         name = entry["name"]
         if entry["args"][0] == "sweep":
@@ -801,6 +801,12 @@ def section_resnet(experiment: str = "resnet20_cifar") -> str:
                 rows.append(
                     [name, f"{r['dim']:,}", fmt(r["val_accuracy"]), f"{r['step_time_ms']:.0f}", ""]
                 )
+                said += [{**rec, "dim": r["dim"]} for rec in r["per_seed"]]
+    if said and direct is not None:
+        # The SAID runs are single trainings at the grid's d: their d_int90 is the sweeps'
+        # estimate over those points, against the direct run's per-seed baseline.
+        base = [{**rec, "dim": 0} for rec in direct["per_seed"]]
+        rows.append(["said_d*", "d_int90", describe_estimate(summarize_sweep(base, said)), "", ""])
     head = (
         "not run"
         if direct is None

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from subspace_jax import cli
@@ -136,3 +138,34 @@ def test_summarize_reads_an_unfinished_id_search_from_its_runs():
     missed = summarize.unfinished_search(runs[:4])
     assert missed["reached"] == [] and "> 128" in summarize._unfinished_text(missed)
     assert summarize.unfinished_search(runs[2:]) is None  # no complete baseline
+
+
+def test_summarize_gives_said_its_d_int90_from_its_grid_runs(tmp_path, monkeypatch):
+    """The ResNet section's SAID runs are single trainings at the grid's d; their d_int90 row
+    is the log-linear crossing of 0.9 x the direct baseline between the two grid points that
+    bracket it, computed here by hand."""
+    summarize = _load_summarize()
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path)
+    folder = tmp_path / "resnet20_cifar"
+    folder.mkdir()
+
+    def write(name, dim, accs):
+        per_seed = [{"seed": s, "val_accuracy": a, "diverged": False} for s, a in enumerate(accs)]
+        record = {
+            "dim": dim,
+            "num_params": 269_722,
+            "val_accuracy": float(np.mean(accs)),
+            "step_time_ms": 400.0,
+            "wall_time_s": 100.0,
+            "per_seed": per_seed,
+        }
+        (folder / f"{name}.json").write_text(json.dumps(record))
+
+    write("direct", 0, [0.40, 0.38])  # baseline 0.39, target 0.351
+    write("said_d1000", 1000, [0.30, 0.32])  # 0.31: misses
+    write("said_d4000", 4000, [0.36, 0.38])  # 0.37: reaches
+    write("said_d16000", 16000, [0.38, 0.40])
+    text = summarize.section_resnet()
+    expected = 1000 * 4 ** ((0.9 * 0.39 - 0.31) / (0.37 - 0.31))
+    assert f"| said_d* | d_int90 | {expected:,.0f} |" in text
+    assert "| fastfood_global |  | not run |" in text
