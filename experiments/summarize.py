@@ -15,7 +15,6 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import re
@@ -32,6 +31,7 @@ import run as runner  # noqa: E402  (experiments/run.py: config loading and invo
 
 from subspace_jax import results  # noqa: E402
 from subspace_jax.intrinsic_dim import RUNS_FILE, describe_estimate, summarize_sweep  # noqa: E402
+from subspace_jax.intrinsic_dim._stats import metric_value, reaches, target_value  # noqa: E402
 
 RESULTS = ROOT / "results"
 FIGURES = ROOT / "docs" / "results"
@@ -84,17 +84,23 @@ def read_train(experiment: str, run: str) -> dict | None:
     return results.read_json(path) if path.exists() else None
 
 
+def _last_config_runs(experiment: str, run: str) -> list[dict]:
+    """The records of a run folder's ``runs.jsonl`` written under its latest configuration
+    (a torn last line, an interrupted append, is dropped by :func:`results.read_jsonl`)."""
+    records = results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
+    key = records[-1]["config_key"] if records else None
+    return [r for r in records if r["config_key"] == key]
+
+
 def read_sweep(experiment: str, run: str) -> tuple[list[dict], list[dict]] | None:
     """(baseline records, subspace records) of the sweep run last in that folder."""
     summary = RESULTS / experiment / run / "sweep.json"
     if summary.exists():  # what the last sweep used (its baseline may come from an older key)
         data = results.read_json(summary)
         return list(data["baseline"]["runs"]), list(data["runs"])
-    records = results.read_jsonl(RESULTS / experiment / run / RUNS_FILE)
+    records = _last_config_runs(experiment, run)
     if not records:
         return None
-    key = records[-1]["config_key"]
-    records = [r for r in records if r["config_key"] == key]
     base = [r for r in records if int(r["dim"]) == 0]
     sub = [r for r in records if int(r["dim"]) > 0]
     return base, sub
@@ -599,21 +605,24 @@ def _read_id(experiment: str, run: str) -> dict | None:
 def unfinished_search(runs: list[dict], fraction: float = 0.9) -> dict | None:
     """What the finished runs of an ``id`` search stopped before its ``id.json`` say.
 
-    ``runs``: the lines of its ``runs.jsonl``. Only the dims every seed finished count. Returns
-    None without a complete baseline (d = 0), else ``{"baseline", "target", "dims": {d: mean
-    val accuracy}, "reached": [d whose mean reaches the target], "runs"}``.
+    ``runs``: the records of its ``runs.jsonl`` (of one configuration). Only the dims every
+    seed finished count; a diverged or non-finite run makes its d's mean NaN, which never
+    reaches the target (as in ``id``). Returns None without a complete baseline (d = 0), else
+    ``{"baseline", "target", "dims": {d: mean val accuracy}, "reached": [d whose mean reaches
+    the target], "bracket", "runs"}``.
     """
-    seeds = sorted({r["seed"] for r in runs})
+    metric = "val_accuracy"
+    seeds = {r["seed"] for r in runs}
     by_dim: dict[int, dict[int, float]] = {}
     for r in runs:
-        by_dim.setdefault(int(r["dim"]), {})[r["seed"]] = r["val_accuracy"]
+        by_dim.setdefault(int(r["dim"]), {})[r["seed"]] = metric_value(r, metric, "final")
     means = {d: float(np.mean(list(v.values()))) for d, v in by_dim.items() if len(v) == len(seeds)}
     if 0 not in means:
         return None
     baseline = means.pop(0)
-    target = fraction * baseline
-    reached = sorted(d for d, m in means.items() if m >= target)
-    below = [d for d, m in means.items() if m < target and reached and d < reached[0]]
+    target = target_value(baseline, fraction, metric)
+    reached = sorted(d for d, m in means.items() if reaches(m, target, metric))
+    below = [d for d in means if reached and d < reached[0]]
     return {
         "baseline": baseline,
         "target": target,
@@ -626,11 +635,8 @@ def unfinished_search(runs: list[dict], fraction: float = 0.9) -> dict | None:
 
 
 def _read_unfinished(experiment: str, run: str) -> dict | None:
-    path = RESULTS / experiment / run / "runs.jsonl"
-    if not path.exists():
-        return None
-    with open(path) as f:
-        return unfinished_search([json.loads(line) for line in f if line.strip()])
+    runs = _last_config_runs(experiment, run)
+    return unfinished_search(runs) if runs else None
 
 
 def _unfinished_text(u: dict) -> str:
@@ -665,10 +671,10 @@ def _ratio(pre: dict | None, scratch: dict | None) -> str:
     if not pre or not scratch or pre.get("d_int") is None or scratch.get("d_int") is None:
         return "n/a"
     text = f"{pre['d_int'] / scratch['d_int']:.3f}"
+    if "ci_low" not in pre:  # no interval computed (both ends None is one open at both ends)
+        return text
     lo_pre, hi_pre = pre.get("ci_low"), pre.get("ci_high")
     lo_scratch, hi_scratch = scratch.get("ci_low"), scratch.get("ci_high")
-    if lo_pre is None and hi_pre is None:
-        return text
     # An unbounded end of either interval leaves that end of the ratio unbounded.
     low = lo_pre / hi_scratch if lo_pre and hi_scratch else None
     high = hi_pre / lo_scratch if hi_pre and lo_scratch else None
@@ -688,13 +694,15 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
     for model in models:
         names = {"random": f"{model}_id_scratch"}
         names.update({label: f"{model}_id_pre_{label}" for label in ("short", "long")})
-        scratch = _read_id(experiment, names["random"])
-        scratch_open = None if scratch else _read_unfinished(experiment, names["random"])
-        arms = [("random", None, scratch)]
-        for label in ("short", "long"):
-            pre = read_train(experiment, f"{model}_pre_{label}")
-            arms.append((label, pre, _read_id(experiment, names[label])))
-        for label, pre, r in arms:
+        ids = {label: _read_id(experiment, name) for label, name in names.items()}
+        # A search stopped before its id.json is reported from its finished runs.
+        opens = {
+            label: None if ids[label] else _read_unfinished(experiment, name)
+            for label, name in names.items()
+        }
+        scratch, scratch_open = ids["random"], opens["random"]
+        for label, r in ids.items():
+            pre = None if label == "random" else read_train(experiment, f"{model}_pre_{label}")
             epochs = (
                 "0" if label == "random" else (str(pre["config"]["epochs"]) if pre else "not run")
             )
@@ -702,8 +710,8 @@ def section_finetune(experiment: str = "finetune_cifar") -> str:
             baseline = fmt(r["baseline"]["value"]) if r else "n/a"
             runs = r["num_training_runs"]["total"] if r else ""
             d_text = _dint_text(r)
-            unfinished = None if r else _read_unfinished(experiment, names[label])
-            if unfinished is not None:  # stopped before its id.json: what its runs show
+            unfinished = opens[label]
+            if unfinished is not None:
                 baseline, d_text, runs = (
                     fmt(unfinished["baseline"]),
                     _unfinished_text(unfinished),

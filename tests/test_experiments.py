@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import load_script
 
 from subspace_jax import cli
 from subspace_jax.models import model_names
@@ -17,17 +16,7 @@ from subspace_jax.projections import projection_names
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location(
-        "experiments_run", ROOT / "experiments" / "run.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-run = _load_runner()
+run = load_script("experiments/run.py")
 NAMES = run.config_names()
 
 
@@ -97,19 +86,8 @@ def test_dry_run_prints_invocations(capsys, monkeypatch):
     assert "subspace-jax train --model mlp" in err and "--json results/done_criteria/" in err
 
 
-def _load_summarize():
-    """experiments/summarize.py as a module (it imports experiments/run.py as ``run``)."""
-    sys.path.insert(0, str(ROOT / "experiments"))
-    spec = importlib.util.spec_from_file_location(
-        "experiments_summarize", ROOT / "experiments" / "summarize.py"
-    )
-    summarize = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summarize)
-    return summarize
-
-
 def test_summarize_replaces_only_between_markers():
-    summarize = _load_summarize()
+    summarize = load_script("experiments/summarize.py")
     text = (
         "prose 1\n<!-- BEGIN generated:a -->\nold\n<!-- END generated:a -->\nprose 2\n"
         "<!-- BEGIN generated:b -->\n<!-- END generated:b -->\n"
@@ -123,7 +101,7 @@ def test_summarize_replaces_only_between_markers():
 
 
 def test_summarize_reads_an_unfinished_id_search_from_its_runs():
-    summarize = _load_summarize()
+    summarize = load_script("experiments/summarize.py")
     runs = [
         {"dim": d, "seed": s, "val_accuracy": acc}
         for d, accs in ((0, (0.7, 0.8)), (128, (0.5, 0.6)), (512, (0.7, 0.74)))
@@ -144,7 +122,7 @@ def test_summarize_gives_said_its_d_int90_from_its_grid_runs(tmp_path, monkeypat
     """The ResNet section's SAID runs are single trainings at the grid's d; their d_int90 row
     is the log-linear crossing of 0.9 x the direct baseline between the two grid points that
     bracket it, computed here by hand."""
-    summarize = _load_summarize()
+    summarize = load_script("experiments/summarize.py")
     monkeypatch.setattr(summarize, "RESULTS", tmp_path)
     folder = tmp_path / "resnet20_cifar"
     folder.mkdir()
@@ -169,3 +147,40 @@ def test_summarize_gives_said_its_d_int90_from_its_grid_runs(tmp_path, monkeypat
     expected = 1000 * 4 ** ((0.9 * 0.39 - 0.31) / (0.37 - 0.31))
     assert f"| said_d* | d_int90 | {expected:,.0f} |" in text
     assert "| fastfood_global |  | not run |" in text
+
+
+def test_an_unfinished_search_reads_only_its_latest_config_and_never_scores_a_diverged_run(
+    tmp_path, monkeypatch
+):
+    """Read from runs.jsonl as a killed search leaves it: records of an older configuration
+    (the data changed) are left out, a torn last line is dropped, and a diverged run's d never
+    reaches the target, whatever accuracy it recorded."""
+    summarize = load_script("experiments/summarize.py")
+    monkeypatch.setattr(summarize, "RESULTS", tmp_path)
+    folder = tmp_path / "exp" / "arm"
+    folder.mkdir(parents=True)
+
+    def rec(key, dim, seed, acc, diverged=False):
+        return {"config_key": key, "dim": dim, "seed": seed, "val_accuracy": acc,
+                "diverged": diverged}  # fmt: skip
+
+    lines = [rec("old", 0, s, 0.2) for s in (0, 1)] + [rec("old", 64, s, 0.99) for s in (0, 1)]
+    lines += [rec("new", 0, s, 0.8) for s in (0, 1)]
+    lines += [rec("new", 128, 0, 0.9, diverged=True), rec("new", 128, 1, 0.9)]
+    lines += [rec("new", 256, s, 0.75) for s in (0, 1)]
+    text = "".join(json.dumps(r) + "\n" for r in lines) + '{"config_key": "new", "dim": 5'
+    (folder / "runs.jsonl").write_text(text)
+    got = summarize._read_unfinished("exp", "arm")
+    assert got["baseline"] == pytest.approx(0.8) and 64 not in got["dims"]
+    assert np.isnan(got["dims"][128])  # the diverged seed makes its d's mean NaN
+    assert got["reached"] == [256] and got["bracket"] == (128, 256) and got["runs"] == 6
+
+
+def test_a_ratio_whose_pretrained_interval_is_open_at_both_ends_says_so():
+    summarize = load_script("experiments/summarize.py")
+    scratch = {"d_int": 1000.0, "ci_low": 500.0, "ci_high": None}
+    both_open = {"d_int": 100.0, "ci_low": None, "ci_high": None}
+    assert summarize._ratio(both_open, scratch) == "0.100 [unbounded, unbounded]"
+    assert summarize._ratio({"d_int": 100.0}, scratch) == "0.100"  # no interval computed
+    bounded = {"d_int": 100.0, "ci_low": 50.0, "ci_high": 200.0}
+    assert summarize._ratio(bounded, scratch) == "0.100 [unbounded, 0.400]"
