@@ -65,6 +65,21 @@ def run(config: TrainConfig, data, host: bool) -> dict:
     }
 
 
+def summarize_case(config: dict, records: list[dict]) -> dict:
+    """One case of the output: its config, its records, each loop's median step time over the
+    repeats and their ratio (``speedup``, scan over host)."""
+    med = {
+        loop: float(np.median([r["step_time_ms"] for r in records if r["loop"] == loop]))
+        for loop in ("scan", "host")
+    }
+    return {
+        "config": config,
+        "records": records,
+        "median_step_ms": med,
+        "speedup": med["scan"] / med["host"],
+    }
+
+
 def plot(cases_out: dict, path: Path) -> None:
     """Median step time of the two loops for each case, on a log axis, with the ratio."""
     import matplotlib
@@ -108,19 +123,11 @@ def main(argv=None) -> int:
                 rec = {"repeat": rep, **run(config, data, host)}
                 records.append(rec)
                 print(name, json.dumps(rec), flush=True)
-        med = {
-            loop: float(np.median([r["step_time_ms"] for r in records if r["loop"] == loop]))
-            for loop in ("scan", "host")
-        }
-        out["cases"][name] = {
-            "config": dataclasses.asdict(config),
-            "records": records,
-            "median_step_ms": med,
-            "speedup": med["scan"] / med["host"],
-        }
+        case = out["cases"][name] = summarize_case(dataclasses.asdict(config), records)
+        med = case["median_step_ms"]
         print(
             f"{name}: scan {med['scan']:.1f} ms, host {med['host']:.1f} ms a step "
-            f"({med['scan'] / med['host']:.1f}x)",
+            f"({case['speedup']:.1f}x)",
             flush=True,
         )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

@@ -6,6 +6,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from _checks import load_script
 
 from subspace_jax import bench, cli
 from subspace_jax.bench import _plan as bench_plan
@@ -196,20 +197,11 @@ def test_cli_rejects_bad_input(capsys):
     assert "unknown projection" in capsys.readouterr().err
 
 
-def _load_script(name):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_conv_loop_record_becomes_a_benchmarks_section_and_a_plot(tmp_path):
     """benchmarks/conv_loop.py's record, through its plot and summarize.py's section: every
     figure in the table is the record's (medians, the ratio, the mean wall time and accuracy)."""
-    conv_loop, summarize = _load_script("conv_loop"), _load_script("summarize")
+    conv_loop = load_script("benchmarks/conv_loop.py")
+    summarize = load_script("benchmarks/summarize.py")
     config = {"max_steps": 16, "batch_size": 32}
     records = [
         {"loop": "scan", "step_time_ms": 12000.0, "wall_time_s": 600.0, "test_accuracy": 0.12},
@@ -217,14 +209,8 @@ def test_conv_loop_record_becomes_a_benchmarks_section_and_a_plot(tmp_path):
         {"loop": "host", "step_time_ms": 700.0, "wall_time_s": 140.0, "test_accuracy": 0.11},
         {"loop": "scan", "step_time_ms": 13000.0, "wall_time_s": 700.0, "test_accuracy": 0.12},
     ]
-    cases = {
-        "resnet20_cifar10": {
-            "config": config,
-            "records": records,
-            "median_step_ms": {"scan": 12500.0, "host": 650.0},
-            "speedup": 12500.0 / 650.0,
-        }
-    }
+    cases = {"resnet20_cifar10": conv_loop.summarize_case(config, records)}
+    assert cases["resnet20_cifar10"]["median_step_ms"] == {"scan": 12500.0, "host": 650.0}
     path = tmp_path / "conv_loop.json"
     path.write_text(json.dumps({"host": "x86_64", "cpus": 2, "cases": cases}))
     conv_loop.plot(cases, path.with_suffix(".png"))

@@ -4,7 +4,6 @@ per results folder, torn JSON lines repaired, and bad input as one ``error:`` li
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -17,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import load_script
 
 from subspace_jax import _results, cli
 from subspace_jax._lock import FolderLocked, lock_folder
@@ -325,16 +325,9 @@ def test_idx_file_with_fewer_records_than_its_header_is_an_error_naming_it(tmp_p
         load_idx(path)
 
 
-def _load_runner():
-    spec = importlib.util.spec_from_file_location("experiments_run", ROOT / "experiments/run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow
 def test_experiment_runner_retrains_a_train_run_whose_config_or_data_changed(tmp_path):
-    run = _load_runner()
+    run = load_script("experiments/run.py")
     out = tmp_path / "r.json"
     args = ["train", *TINY, "--dim", "5", "--json", str(out)]
     assert cli.main(args) == 0
